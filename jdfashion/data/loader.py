@@ -1,0 +1,179 @@
+"""Turning image lists into tensors: the dataset, the PK identity sampler and the augmentation pipelines.
+
+Randomness is keyed by (seed, epoch, position) rather than drawn from global state, so a run is
+reproducible on CPU whatever the worker count, and a resumed run replays exactly the batches it
+would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from jdfashion.data.images import load_item
+from jdfashion.data.jdformat import ImageRef
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_transform(image_size: int) -> A.Compose:
+    """The item crop is squashed to a square, as the paper's 384x384 input."""
+    return A.Compose(
+        [
+            A.Resize(image_size, image_size),
+            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            A.ToTensorV2(),
+        ]
+    )
+
+
+def train_transform(image_size: int, augment: str = "paper") -> A.Compose:
+    """``paper``: random mirror + random crop (pad then crop, as PCB). ``strong`` adds the consumer-photo
+    nuisances the paper's data has: rotation, scale, colour cast and occlusion."""
+    pad = max(1, image_size // 16)
+    steps: list[A.BasicTransform] = [
+        A.Resize(image_size, image_size),
+        A.HorizontalFlip(p=0.5),
+        A.PadIfNeeded(image_size + 2 * pad, image_size + 2 * pad, border_mode=0, fill=0),
+        A.RandomCrop(image_size, image_size),
+    ]
+    if augment == "strong":
+        steps += [
+            A.Affine(rotate=(-20, 20), scale=(0.8, 1.1), p=0.7),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.7),
+            A.CoarseDropout(
+                num_holes_range=(1, 2), hole_height_range=(0.1, 0.3), hole_width_range=(0.1, 0.3)
+            ),
+        ]
+    elif augment != "paper":
+        raise ValueError(f"unknown augmentation {augment!r} (expected 'paper' or 'strong')")
+    steps += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), A.ToTensorV2()]
+    return A.Compose(steps)
+
+
+@dataclass(frozen=True)
+class Sample:
+    ref: ImageRef
+    label: int
+
+
+class ItemDataset(Dataset):
+    """Box crops of listed images. Indexed by ``(position, augmentation_seed)`` or a bare position.
+
+    A crop that fails to decode yields a black image and ``ok=False`` so callers can count and
+    report it without losing its place in the id list.
+    """
+
+    def __init__(self, samples: Sequence[Sample], image_root: Path, transform: A.Compose) -> None:
+        self.samples = list(samples)
+        self.image_root = Path(image_root)
+        self.transform = transform
+        self._fallback_size = 64
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, bool]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        sample = self.samples[index]
+        try:
+            image = load_item(sample.ref, self.image_root)
+            ok = True
+        except (OSError, ValueError):
+            image = np.zeros((self._fallback_size, self._fallback_size, 3), dtype=np.uint8)
+            ok = False
+        if seed is not None:
+            self.transform.set_random_seed(seed)
+        tensor = self.transform(image=image)["image"]
+        return tensor, sample.label, index, ok
+
+
+class PKBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of P identities x K images, deterministic in (seed, epoch).
+
+    Each identity appears about once per epoch (its images shuffled; drawn with replacement when it
+    has fewer than K). Yields ``(sample_index, augmentation_seed)`` pairs, identity-major, so a
+    contiguous slice of a batch keeps identities whole (what DDP sharding relies on).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        identities_per_batch: int,
+        images_per_identity: int,
+        seed: int = 0,
+    ) -> None:
+        self.labels = np.asarray(labels)
+        self.p = identities_per_batch
+        self.k = images_per_identity
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+        groups: dict[int, list[int]] = {}
+        for index, label in enumerate(self.labels.tolist()):
+            groups.setdefault(label, []).append(index)
+        self.groups = [np.asarray(groups[label]) for label in sorted(groups)]
+        if len(self.groups) < 2:
+            raise ValueError(f"PK sampling needs at least 2 identities, got {len(self.groups)}")
+        self.p = min(self.p, len(self.groups))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """``start_batch`` skips the batches a resumed run has already trained on."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return len(self.groups) // self.p
+
+    def batches(self) -> list[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.groups))
+        result = []
+        for b in range(len(self)):
+            batch = []
+            for group_index in order[b * self.p : (b + 1) * self.p]:
+                members = self.groups[group_index]
+                picks = rng.choice(members, size=self.k, replace=len(members) < self.k)
+                batch.extend((int(i), int(rng.integers(2**31 - 1))) for i in picks)
+            result.append(batch)
+        return result
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        yield from self.batches()[self.start_batch :]
+
+
+class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's contiguous slice of every global batch (DDP): together the ranks see the global batch."""
+
+    def __init__(self, base: PKBatchSampler, rank: int, world_size: int) -> None:
+        self.base = base
+        self.rank = rank
+        self.world_size = world_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.base.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.base:
+            per_rank = len(batch) // self.world_size
+            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+
+def collate(batch: list[tuple[torch.Tensor, int, int, bool]]) -> dict[str, torch.Tensor]:
+    images, labels, indices, ok = zip(*batch, strict=True)
+    return {
+        "images": torch.stack(images),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "indices": torch.tensor(indices, dtype=torch.long),
+        "ok": torch.tensor(ok, dtype=torch.bool),
+    }

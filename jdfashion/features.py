@@ -1,0 +1,223 @@
+"""Batched feature extraction with a fingerprinted, resumable on-disk cache.
+
+Cache layout: ``<cache root>/<fingerprint>/chunk_00000.safetensors ...`` (fp16 ``features``; the
+chunk's undecodable urls in its metadata) and ``index.json`` (ids in order, dim, failed urls,
+inputs of the fingerprint). The fingerprint covers the weights' hash, the model config, the
+image list with boxes, the image size, the output head and TTA: the same inputs reuse the cache
+at once, any change recomputes. Chunks are written atomically, so an extraction killed halfway
+resumes at the first missing chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from jdfashion.atomic import atomic_path, atomic_write_text
+from jdfashion.checkpoint import TrainedModel, load_trained
+from jdfashion.data.jdformat import ImageRef
+from jdfashion.data.loader import ItemDataset, Sample, collate, eval_transform
+
+Head = Literal["embedding", "probabilities"]
+INDEX_FILE = "index.json"
+
+
+@dataclass
+class FeatureSet:
+    """Features in the order of ``ids``; rows of ``failed`` urls are zeros (they match nothing)."""
+
+    ids: list[str]
+    features: torch.Tensor
+    failed: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def model_outputs(model: torch.nn.Module, images: torch.Tensor, head: Head, flip: bool) -> torch.Tensor:
+    """Unit embeddings or class probabilities; with ``flip`` the mirrored view is averaged in."""
+
+    def once(batch: torch.Tensor) -> torch.Tensor:
+        if head == "embedding":
+            return model(batch).float()
+        return model.classify(batch).float().softmax(dim=1)
+
+    outputs = once(images)
+    if flip:
+        outputs = outputs + once(images.flip(3))
+        outputs = F.normalize(outputs, dim=1) if head == "embedding" else outputs / 2
+    return outputs
+
+
+def iterate_outputs(
+    trained: TrainedModel,
+    refs: Sequence[ImageRef],
+    image_root: Path,
+    *,
+    head: Head = "embedding",
+    flip: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    description: str = "extract",
+    show_progress: bool = True,
+):
+    """Yield ``(outputs, failed_urls)`` per batch, in list order, with a rich progress bar."""
+    device = next(trained.model.parameters()).device
+    use_cuda = device.type == "cuda"
+    dataset = ItemDataset([Sample(ref, 0) for ref in refs], image_root, eval_transform(trained.image_size))
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=use_cuda
+    )
+    memory_format = torch.channels_last if use_cuda else torch.contiguous_format
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=use_cuda)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[rate]:.1f} img/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+    )
+    with progress, torch.inference_mode(), autocast:
+        task = progress.add_task(description, total=len(refs), rate=0.0)
+        started = time.perf_counter()
+        done = 0
+        for batch in loader:
+            images = batch["images"].to(device, non_blocking=True, memory_format=memory_format)
+            outputs = model_outputs(trained.model, images, head, flip)
+            ok = batch["ok"]
+            outputs[~ok.to(device)] = 0
+            failed = [refs[i].url for i in batch["indices"][~ok].tolist()]
+            done += len(ok)
+            progress.update(task, advance=len(ok), rate=done / (time.perf_counter() - started))
+            yield outputs.cpu(), failed
+
+
+def fingerprint(trained: TrainedModel, refs: Sequence[ImageRef], head: Head, flip: bool) -> str:
+    digest = hashlib.sha256()
+    digest.update(trained.weights_sha256.encode())
+    digest.update(json.dumps(trained.model_config.to_dict(), sort_keys=True).encode())
+    digest.update(f"size={trained.image_size} head={head} flip={flip}\n".encode())
+    for ref in refs:
+        box = ref.box
+        digest.update(f"{ref.url} {box.x1} {box.y1} {box.x2} {box.y2}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class FeatureCache:
+    root: Path
+    chunk_size: int = 4096
+
+    def extract(
+        self,
+        trained: TrainedModel,
+        refs: Sequence[ImageRef],
+        image_root: Path,
+        *,
+        head: Head = "embedding",
+        flip: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        description: str = "extract",
+        show_progress: bool = True,
+    ) -> FeatureSet:
+        """Features for ``refs``: from the cache when the fingerprint matches, else computed by chunks."""
+        key = fingerprint(trained, refs, head, flip)
+        directory = self.root / key
+        index_path = directory / INDEX_FILE
+        if index_path.exists():
+            return self.load(directory)
+        ids = [ref.url for ref in refs]
+        for start in range(0, len(refs), self.chunk_size):
+            chunk_path = directory / f"chunk_{start // self.chunk_size:05d}.safetensors"
+            if chunk_path.exists():
+                continue
+            outputs, failed = [], []
+            for batch_outputs, batch_failed in iterate_outputs(
+                trained,
+                refs[start : start + self.chunk_size],
+                image_root,
+                head=head,
+                flip=flip,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                description=f"{description} [{start}/{len(refs)}]",
+                show_progress=show_progress,
+            ):
+                outputs.append(batch_outputs)
+                failed.extend(batch_failed)
+            with atomic_path(chunk_path) as tmp:
+                save_file(
+                    {"features": torch.cat(outputs).half().contiguous()},
+                    str(tmp),
+                    metadata={"failed": json.dumps(failed)},
+                )
+        index = {
+            "ids": ids,
+            "chunk_size": self.chunk_size,
+            "head": head,
+            "flip": flip,
+            "image_size": trained.image_size,
+            "weights_sha256": trained.weights_sha256,
+            "model_dir": str(trained.directory),
+        }
+        atomic_write_text(index_path, json.dumps(index))
+        return self.load(directory)
+
+    @staticmethod
+    def load(directory: Path) -> FeatureSet:
+        index = json.loads((directory / INDEX_FILE).read_text())
+        parts, failed = [], []
+        for chunk_path in sorted(directory.glob("chunk_*.safetensors")):
+            with safe_open(str(chunk_path), framework="pt") as handle:
+                parts.append(handle.get_tensor("features"))
+                failed.extend(json.loads(handle.metadata()["failed"]))
+        features = torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float16)
+        if features.shape[0] != len(index["ids"]):
+            raise ValueError(f"{directory}: cache holds {features.shape[0]} rows for {len(index['ids'])} ids")
+        return FeatureSet(index["ids"], features, failed)
+
+
+class FeatureExtractor:
+    """The notebook entry point: ``FeatureExtractor("weights/clothes/resnet101")(refs, image_root)``."""
+
+    def __init__(
+        self, model_dir: Path | str, device: str | None = None, flip: bool = False, batch_size: int = 64
+    ) -> None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.trained = load_trained(Path(model_dir), device)
+        self.flip = flip
+        self.batch_size = batch_size
+
+    def __call__(self, refs: Sequence[ImageRef], image_root: Path | str) -> FeatureSet:
+        outputs, failed = [], []
+        for batch_outputs, batch_failed in iterate_outputs(
+            self.trained,
+            refs,
+            Path(image_root),
+            flip=self.flip,
+            batch_size=self.batch_size,
+            show_progress=False,
+        ):
+            outputs.append(batch_outputs)
+            failed.extend(batch_failed)
+        return FeatureSet([ref.url for ref in refs], torch.cat(outputs).half(), failed)
+
+
+def predicted_categories(probabilities: FeatureSet) -> np.ndarray:
+    return probabilities.features.float().argmax(dim=1).numpy()

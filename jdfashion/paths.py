@@ -1,0 +1,97 @@
+"""Where everything lives on disk: the one place that knows the data and weights layouts.
+
+Data root (official layout, plus what ``jdfashion data split`` adds)::
+
+    DATA/p.txt  q_all.txt  s.txt            official lists (q.txt accepted when q_all.txt is absent)
+    DATA/gt.txt                             test ground truth (demo data only; never published for JD)
+    DATA/images/<host>/<path>               images, one file per URL (see data.images.url_to_path)
+    DATA/split/train.txt                    p.txt lines kept for training
+    DATA/split/val/<category>/q.txt s.txt gt.txt   per-category validation queries, gallery, truth
+
+Weights root (``weights/`` by default)::
+
+    WEIGHTS/<category>/<backbone>/model.safetensors config.json metrics.json last.ckpt
+    WEIGHTS/router/<backbone>/...           the tops/bags/shoes category classifier
+    WEIGHTS/features/<fingerprint>/         cached features (see features.py)
+    WEIGHTS/fusion.json                     fusion weights chosen on validation
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jdfashion.data.jdformat import Category
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "p.txt"
+
+    @property
+    def queries(self) -> Path:
+        full = self.root / "q_all.txt"
+        return full if full.exists() or not (self.root / "q.txt").exists() else self.root / "q.txt"
+
+    @property
+    def gallery(self) -> Path:
+        return self.root / "s.txt"
+
+    @property
+    def truth(self) -> Path:
+        return self.root / "gt.txt"
+
+    @property
+    def split_dir(self) -> Path:
+        return self.root / "split"
+
+    @property
+    def train_pairs(self) -> Path:
+        return self.split_dir / "train.txt"
+
+    def val_dir(self, category: Category) -> Path:
+        return self.split_dir / "val" / category.label
+
+    def val_queries(self, category: Category) -> Path:
+        return self.val_dir(category) / "q.txt"
+
+    def val_gallery(self, category: Category) -> Path:
+        return self.val_dir(category) / "s.txt"
+
+    def val_truth(self, category: Category) -> Path:
+        return self.val_dir(category) / "gt.txt"
+
+
+ROUTER = "router"
+
+
+@dataclass(frozen=True)
+class WeightsLayout:
+    root: Path = Path("weights")
+
+    def model_dir(self, task: Category | str, backbone: str) -> Path:
+        """``task`` is a category (an MGPA retrieval model) or ``"router"`` (the category classifier)."""
+        name = task.label if isinstance(task, Category) else task
+        return self.root / name / backbone
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def fusion(self) -> Path:
+        return self.root / "fusion.json"
+
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+MODEL_METRICS = "metrics.json"
+RESUME_CHECKPOINT = "last.ckpt"

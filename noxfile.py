@@ -1,0 +1,48 @@
+"""Test sessions. ``nox`` runs what CI runs: lint, tests, quickstart.
+
+Every session runs in the environment nox itself was installed in (``venv_backend="none"``): the torch
+stack is ~6 GB and one install of it is enough. Set it up once with ``pip install -e '.[dev]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import nox
+
+nox.options.sessions = ["lint", "tests", "quickstart"]
+PYTHON = sys.executable
+QUIET_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@nox.session(venv_backend="none")
+def lint(session: nox.Session) -> None:
+    session.run(PYTHON, "-m", "ruff", "check", ".")
+    session.run(PYTHON, "-m", "ruff", "format", "--check", ".")
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    session.run(PYTHON, "-m", "pytest", *(session.posargs or ["-q"]), env=QUIET_ENV)
+
+
+@nox.session(venv_backend="none")
+def quickstart(session: nox.Session) -> None:
+    out = os.path.join(tempfile.mkdtemp(prefix="jdfashion-quickstart-"), "demo")
+    session.run(PYTHON, "-m", "jdfashion", "quickstart", "--out", out, env=QUIET_ENV)
+
+
+@nox.session(venv_backend="none")
+def benchmarks(session: nox.Session) -> None:
+    """Speed and memory against named baselines; writes benchmarks/results/*.json and *.md."""
+    names = session.posargs or ["search", "scoring", "extraction", "training"]
+    for name in names:
+        session.run(PYTHON, f"benchmarks/bench_{name}.py", env=QUIET_ENV)
+
+
+@nox.session(venv_backend="none")
+def realdata(session: nox.Session) -> None:
+    """The Grocery Store protocol (docs/REALDATA.md); ``-- --smoke`` for the CI-sized version."""
+    session.run(PYTHON, "-m", "jdfashion", "bench", "real", *session.posargs, env=QUIET_ENV)

@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from jdfashion.model.backbones import (
+    BACKBONE_PRESETS,
+    WeightsUnavailableError,
+    create_backbone,
+    load_packaged_lite0_weights,
+    packaged_lite0_checkpoint,
+)
+
+
+def feature_map_shape(name: str, size: int, last_stride_one: bool) -> tuple[int, ...]:
+    backbone, channels = create_backbone(name, last_stride_one=last_stride_one)
+    with torch.no_grad():
+        shape = tuple(backbone.eval()(torch.randn(1, 3, size, size)).shape)
+    assert shape[1] == channels == BACKBONE_PRESETS[name].channels
+    return shape
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet169", "efficientnet_lite0"])
+def test_last_stride_one_doubles_the_feature_map(name: str) -> None:
+    # 128 px: /32 = 4 with the usual strides, /16 = 8 without the last downsampling (24x24 at 384 px).
+    assert feature_map_shape(name, 128, last_stride_one=False)[2:] == (4, 4)
+    assert feature_map_shape(name, 128, last_stride_one=True)[2:] == (8, 8)
+
+
+@pytest.mark.parametrize("name", ["resnet101", "resnet152", "resnext101"])
+def test_deep_presets_build_and_run(name: str) -> None:
+    assert feature_map_shape(name, 64, last_stride_one=True) == (1, 2048, 4, 4)
+
+
+def test_presets_are_consistent() -> None:
+    assert {"resnet50", "resnet101", "resnet152", "resnext101", "densenet169", "efficientnet_lite0"} <= set(
+        BACKBONE_PRESETS
+    )
+    for name, preset in BACKBONE_PRESETS.items():
+        assert timm.is_model(preset.timm_name), name
+        assert preset.batch_size == preset.identities_per_batch * preset.images_per_identity
+        assert preset.images_per_identity >= 2  # a PK batch needs positives
+    assert BACKBONE_PRESETS["resnext101"].timm_name == "resnext101_32x4d"
+    assert [name for name, preset in BACKBONE_PRESETS.items() if preset.packaged_weights] == [
+        "efficientnet_lite0"
+    ]
+
+
+def test_unknown_backbone_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown backbone 'resnet9000'"):
+        create_backbone("resnet9000")
+    with pytest.raises(ValueError, match="last_stride_one"):
+        create_backbone("vit_tiny_patch16_224", last_stride_one=True)
+    with pytest.raises(ValueError, match="only for efficientnet_lite0"):
+        create_backbone("resnet18", pretrained="package")
+
+
+def test_packaged_lite0_weights_load_tensor_for_tensor() -> None:
+    checkpoint = torch.load(packaged_lite0_checkpoint(), map_location="cpu", weights_only=True)
+    classifier_model = timm.create_model("efficientnet_lite0", num_classes=1000)
+    load_packaged_lite0_weights(classifier_model)
+    loaded = classifier_model.state_dict()
+    assert len(loaded) == len(checkpoint) == 296
+    for (source_key, source), (target_key, target) in zip(checkpoint.items(), loaded.items(), strict=True):
+        assert torch.equal(source, target), (source_key, target_key)
+    # The backbone (no classifier) gets the same tensors minus the checkpoint's final _fc layer.
+    backbone, channels = create_backbone("efficientnet_lite0", pretrained="package")
+    assert channels == 1280
+    backbone_state = backbone.body.state_dict()
+    assert len(backbone_state) == 294
+    for name, tensor in backbone_state.items():
+        assert torch.equal(tensor, loaded[name]), name
+
+
+def test_packaged_weights_refuse_another_architecture() -> None:
+    with pytest.raises(WeightsUnavailableError, match="efficientnet_lite0"):
+        load_packaged_lite0_weights(timm.create_model("resnet18"))
+    with pytest.raises(WeightsUnavailableError, match="shape"):
+        load_packaged_lite0_weights(timm.create_model("efficientnet_lite0", num_classes=10))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_pretrained_file_round_trip(tmp_path: Path, suffix: str) -> None:
+    source = timm.create_model("resnet18", num_classes=1000)
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.normal_()
+    state = {name: tensor.contiguous() for name, tensor in source.state_dict().items()}
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    backbone, _ = create_backbone("resnet18", pretrained_file=path, last_stride_one=True)
+    loaded = backbone.body.state_dict()
+    assert set(loaded) == {name for name in state if not name.startswith("fc.")}
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_pretrained_file_for_another_model_fails_loudly(tmp_path: Path) -> None:
+    path = tmp_path / "resnet18.safetensors"
+    save_file(dict(timm.create_model("resnet18").state_dict()), str(path))
+    with pytest.raises(WeightsUnavailableError, match="does not hold weights for timm model resnet50"):
+        create_backbone("resnet50", pretrained_file=path)
+    with pytest.raises(WeightsUnavailableError, match="not found"):
+        create_backbone("resnet50", pretrained_file=tmp_path / "missing.safetensors")
+    path.with_suffix(".pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match="not a readable"):
+        create_backbone("resnet50", pretrained_file=path.with_suffix(".pth"))
+
+
+def test_offline_hub_fails_fast_with_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # huggingface_hub reads these at import time, so set the module's values as well as the environment.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    started = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as raised:
+        create_backbone("resnet18", pretrained=True)
+    assert time.monotonic() - started < 30
+    message = str(raised.value)
+    assert "resnet18" in message and "--pretrained-file" in message and "HF_HUB_OFFLINE" in message
+
+
+# Five fruits whose ImageNet-1k classes are unambiguous: (folder in the Grocery Store data set, class index).
+FRUITS = {
+    "Fruit/Apple/Granny-Smith/": 948,
+    "Fruit/Orange/": 950,
+    "Fruit/Lemon/": 951,
+    "Fruit/Pineapple/": 953,
+    "Fruit/Banana/": 954,
+}
+
+
+@pytest.mark.realdata
+def test_packaged_lite0_recognises_real_fruit_photos(shared_data: Path) -> None:
+    """The mapped weights are the real ImageNet model: photos of five fruits get their class in the top 5."""
+    root = shared_data / "grocery-store" / "dataset"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    listed = [
+        line.split(",")[0].strip() for line in (root / "train.txt").read_text().splitlines() if line.strip()
+    ]
+    photos = []
+    for folder, imagenet_class in FRUITS.items():
+        matching = [path for path in listed if path.startswith(f"train/{folder}")]
+        photos += [(path, imagenet_class) for path in matching[:: len(matching) // 5][:5]]
+    assert len(photos) == 25
+
+    model = timm.create_model("efficientnet_lite0", num_classes=1000)
+    load_packaged_lite0_weights(model)
+    model.eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    images = torch.stack([transform(Image.open(root / path).convert("RGB")) for path, _ in photos])
+    with torch.no_grad():
+        top5 = model(images).topk(5, dim=1).indices
+    hits = [imagenet_class in top for (_, imagenet_class), top in zip(photos, top5.tolist(), strict=True)]
+    hit_rate = sum(hits) / len(hits)
+    print(f"efficientnet_lite0 (packaged weights) top-5 hit rate on {len(hits)} fruit photos: {hit_rate:.0%}")
+    assert hit_rate >= 0.6

@@ -1,0 +1,127 @@
+"""Exact chunked cosine top-k: brute-force agreement, tie-breaking, routing groups, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jdfashion.search import topk
+
+
+def half_sign_vectors(rng: np.random.Generator, count: int, dim: int = 16) -> np.ndarray:
+    """Unit vectors with four +-0.5 entries: every dot product is a multiple of 1/4, exact in fp16/fp32
+    whatever the summation order, so equal scores are truly equal and ties are everywhere."""
+    vectors = np.zeros((count, dim), dtype=np.float32)
+    for row in vectors:
+        row[rng.choice(dim, size=4, replace=False)] = rng.choice([-0.5, 0.5], size=4)
+    return vectors
+
+
+def brute_force(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Full float64 score matrix; best first, equal scores by the lower gallery index."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    scores = q.astype(np.float64) @ g.astype(np.float64).T
+    order = np.array([np.lexsort((np.arange(len(g)), -row))[:k] for row in scores])
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64, 1000])
+@pytest.mark.parametrize("query_chunk_size", [1, 4, 100])
+def test_exact_ties_go_to_the_lower_index_whatever_the_chunking(
+    chunk_size: int, query_chunk_size: int
+) -> None:
+    rng = np.random.default_rng(0)
+    queries, gallery = half_sign_vectors(rng, 9), half_sign_vectors(rng, 150)
+    expected_scores, expected_indices = brute_force(queries, gallery, 10)
+    scores, indices = topk(queries, gallery, 10, chunk_size=chunk_size, query_chunk_size=query_chunk_size)
+    assert indices.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_array_equal(indices, expected_indices)
+    np.testing.assert_array_equal(scores, expected_scores.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["numpy16", "numpy32", "torch16", "torch32"])
+def test_input_kinds_give_the_same_ranking(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    queries, gallery = half_sign_vectors(rng, 6), half_sign_vectors(rng, 90)
+    dtype = np.float16 if kind.endswith("16") else np.float32
+    q, g = queries.astype(dtype), gallery.astype(dtype)
+    if kind.startswith("torch"):
+        q, g = torch.from_numpy(q), torch.from_numpy(g)
+    _, expected = brute_force(queries, gallery, 7)
+    np.testing.assert_array_equal(topk(q, g, 7, chunk_size=16)[1], expected)
+
+
+def test_random_features_match_float64_and_scale_does_not_matter() -> None:
+    rng = np.random.default_rng(2)
+    queries = rng.normal(size=(20, 32)).astype(np.float32)
+    gallery = rng.normal(size=(500, 32)).astype(np.float32)
+    expected_scores, _ = brute_force(queries, gallery, 10)
+    scaled = gallery * rng.uniform(0.1, 10, size=(500, 1)).astype(np.float32)
+    scores, indices = topk(queries, scaled, 10, chunk_size=37, query_chunk_size=6)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    exact = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    ).T
+    np.testing.assert_allclose(np.take_along_axis(exact, indices, axis=1), scores, atol=1e-5)
+
+
+def test_memory_mapped_fp16_gallery(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    queries, gallery = half_sign_vectors(rng, 5), half_sign_vectors(rng, 120)
+    path = tmp_path / "gallery.npy"
+    np.save(path, gallery.astype(np.float16))
+    mapped = np.load(path, mmap_mode="r")
+    np.testing.assert_array_equal(
+        topk(queries, mapped, 10, chunk_size=25)[1], brute_force(queries, gallery, 10)[1]
+    )
+
+
+def test_groups_rank_inside_the_group_then_fill_from_the_others() -> None:
+    rng = np.random.default_rng(4)
+    queries, gallery = half_sign_vectors(rng, 12), half_sign_vectors(rng, 60)
+    query_groups = np.array([0, 1, 2, 3] * 3)
+    gallery_groups = np.where(np.arange(60) < 3, 2, np.arange(60) % 2)  # group 2 has 3 items, group 3 none
+    scores, indices = topk(
+        queries, gallery, 8, chunk_size=9, query_groups=query_groups, gallery_groups=gallery_groups
+    )
+    full_scores, full_order = brute_force(queries, gallery, 60)
+    for row, group in enumerate(query_groups):
+        inside = [i for i in full_order[row] if gallery_groups[i] == group]
+        outside = [i for i in full_order[row] if gallery_groups[i] != group]
+        expected = (inside + outside)[:8]
+        assert indices[row].tolist() == expected
+        assert len(set(indices[row].tolist())) == 8
+        lookup = dict(zip(full_order[row].tolist(), full_scores[row], strict=True))
+        np.testing.assert_allclose(scores[row], [lookup[i] for i in expected], atol=1e-6)
+    assert (gallery_groups[indices[query_groups == 2][:, :3]] == 2).all()
+
+
+def test_no_queries_give_empty_results() -> None:
+    scores, indices = topk(np.zeros((0, 4), np.float32), np.eye(4, dtype=np.float32), 2)
+    assert scores.shape == indices.shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("queries", "gallery", "k", "options", "message"),
+    [
+        (np.ones((2, 3)), np.ones((5, 4)), 2, {}, r"need \(Q, D\) queries and \(G, D\) gallery"),
+        (np.ones((2, 3)), np.ones((5, 3)), 6, {}, "k must be between 1 and the gallery size 5"),
+        (np.ones((2, 3)), np.ones((5, 3)), 0, {}, "k must be between 1"),
+        (np.ones((2, 3)), np.ones((5, 3)), 2, {"query_groups": np.zeros(2)}, "give both"),
+        (np.ones((2, 3)), np.ones((5, 3)), 2, {"chunk_size": 0}, "chunk sizes must be >= 1"),
+    ],
+)
+def test_bad_arguments(queries, gallery, k, options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        topk(queries, gallery, k, **options)
+
+
+def test_a_non_finite_row_is_named() -> None:
+    gallery = np.ones((30, 4), dtype=np.float32)
+    gallery[17, 2] = np.nan
+    with pytest.raises(ValueError, match="gallery features: row 17 is not finite"):
+        topk(np.ones((2, 4), np.float32), gallery, 3, chunk_size=8)
