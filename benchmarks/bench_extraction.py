@@ -34,7 +34,7 @@ from jdfashion.data.demo import DemoConfig, make_demo
 from jdfashion.data.images import url_to_path
 from jdfashion.data.jdformat import ImageRef, read_images
 from jdfashion.data.split import make_split
-from jdfashion.features import FeatureCache
+from jdfashion.features import ExtractOptions, FeatureCache
 from jdfashion.model.backbones import timm_name_for
 from jdfashion.paths import DataLayout
 from jdfashion.train import train
@@ -95,13 +95,13 @@ def batches(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
 def run_cache(size: ExtractionSize, workspace: Workspace, num_workers: int) -> dict[str, Any]:
     trained = load_trained(workspace.model_dir)
     cache_root = workspace.scratch / f"cache-{num_workers}-workers"
-    options = {"batch_size": size.batch_size, "num_workers": num_workers, "show_progress": False}
+    options = ExtractOptions(batch_size=size.batch_size, num_workers=num_workers, show_progress=False)
     FeatureCache(cache_root / "warm-up").extract(
-        trained, workspace.refs[: size.batch_size], workspace.image_root, **options
+        trained, workspace.refs[: size.batch_size], workspace.image_root, options
     )
     started = time.perf_counter()
     features = FeatureCache(cache_root / "timed").extract(
-        trained, workspace.refs, workspace.image_root, **options
+        trained, workspace.refs, workspace.image_root, options
     )
     seconds = time.perf_counter() - started
     return {"images": len(features), "seconds": seconds, "dim": features.features.shape[1]}
@@ -205,7 +205,7 @@ def main() -> None:
     ]
     notes = [
         f"{size.backbone} at {size.image_size} px, batch {size.batch_size}, random weights, CPU, "
-        f"{machine['torch_threads']} torch threads; demo photos of {size.photo_size} px (smaller than "
+        f"{machine['threads']} compute threads; demo photos of {size.photo_size} px (smaller than "
         "JD's photos, so decoding costs less here than on the real data).",
         "The MGPA backbone keeps its last stage at stride 1 (4x the positions of the stock model there) "
         "and adds the 16-part head; the preloaded-tensor rows show what that costs apart from loading.",

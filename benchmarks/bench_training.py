@@ -139,7 +139,7 @@ def main() -> None:
     notes = [
         f"Batch {size.identities_per_batch}x{size.images_per_identity} = "
         f"{size.identities_per_batch * size.images_per_identity} images; random weights, Adam, 'paper' "
-        f"augmentation, {size.num_workers} DataLoader workers, CPU, {machine['torch_threads']} torch "
+        f"augmentation, {size.num_workers} DataLoader workers, CPU, {machine['threads']} compute "
         f"threads, fp32 (AMP is CUDA only); MGPA branches: {', '.join(BRANCH_SETS['all'])}.",
         f"Demo data: {size.train_identities} training identities per category ({size.photo_size} px "
         f"photos), clothes model; epochs per image size "

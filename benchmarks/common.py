@@ -50,12 +50,28 @@ class Column:
         return format(value, self.spec) if self.spec else str(value)
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
 def parse_args(description: str) -> argparse.Namespace:
+    """``--quick`` and ``--threads``; the latter is applied here, to every variant process started later."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick", action="store_true", help="small sizes: checks that the script works (< 1 min)"
     )
-    return parser.parse_args()
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="compute threads per variant (torch, OpenBLAS, faiss, numba); default: every core. On a "
+        "machine shared with other work, 1 avoids the stalls of oversubscribed thread pools",
+    )
+    args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        # Variant processes are spawned, so they read these at start-up, before any library sizes its pool.
+        os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(args.threads)))
+    return args
 
 
 def _status_field(name: str) -> float:
@@ -144,7 +160,7 @@ def machine_info() -> dict[str, Any]:
         "cpus_usable": len(os.sched_getaffinity(0)),
         "memory_gib": round(memory_kib / (1 << 20), 1),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -201,9 +217,9 @@ def write_results(
     atomic_write_text(RESULTS_DIR / f"{stem}.json", json.dumps(document, indent=1, default=_plain) + "\n")
     machine_line = (
         f"{machine['date']}, {machine['cpu_model']}, {machine['cpus_usable']} of {machine['cpu_count']} "
-        f"CPUs, {machine['memory_gib']} GiB, torch {machine['torch']} ({machine['torch_threads']} threads), "
-        f"load average {machine['load_average_1m']:.2f} at start / {machine['load_average_1m_at_end']:.2f} "
-        "at end"
+        f"CPUs, {machine['memory_gib']} GiB, torch {machine['torch']}, {machine['threads']} compute threads "
+        f"per variant, load average {machine['load_average_1m']:.2f} at start / "
+        f"{machine['load_average_1m_at_end']:.2f} at end"
     )
     settings = ", ".join(f"{key}={value}" for key, value in parameters.items())
     sections = [

@@ -275,6 +275,9 @@ def backbones_option(default: tuple[str, ...] = PAPER_BACKBONES):
 @main.command()
 @click.option("--backbone", default=None, help="One backbone (or use --backbones).")
 @backbones_option()
+@click.option(
+    "--all", "every_model", is_flag=True, help="Every trained (category, backbone) under the weights root."
+)
 @click.option("--category", type=CATEGORY_CHOICES, default="all", show_default=True)
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
 @click.option("--router-backbone", default="efficientnet_lite0", show_default=True, help="For --split test.")
@@ -284,7 +287,16 @@ def backbones_option(default: tuple[str, ...] = PAPER_BACKBONES):
 @retrieval_flags
 @fail_on_value_errors
 def extract(
-    backbone, backbones, category, split, router_backbone, data_root, weights_root, device, **flags
+    backbone,
+    backbones,
+    every_model,
+    category,
+    split,
+    router_backbone,
+    data_root,
+    weights_root,
+    device,
+    **flags,
 ) -> None:
     """Cache query and gallery features (fp16, fingerprinted, resumable)."""
     from jdfashion import pipeline
@@ -292,18 +304,24 @@ def extract(
     workspace = pipeline.Workspace.at(data_root, weights_root, device)
     options = retrieval_options(**flags)
     names = [backbone] if backbone else backbones.split(",")
+    targets = (
+        workspace.weights.trained_models()
+        if every_model
+        else [(cat, name) for name in names for cat in categories_of(category)]
+    )
+    if not targets:
+        raise click.ClickException(f"no trained models under {weights_root}")
     assignment = pipeline.route_test(workspace, router_backbone, options) if split == "test" else None
-    for name in names:
-        for cat in categories_of(category):
-            if assignment is None:
-                queries, gallery = pipeline.extract_validation(workspace, name, cat, options)
-            else:
-                queries, gallery = pipeline.extract_test(workspace, name, cat, assignment, options)
-            failed = len(queries.failed) + len(gallery.failed)
-            console.print(
-                f"{cat.label}/{name} {split}: {len(queries)} queries, {len(gallery)} gallery"
-                + (f", [red]{failed} images failed to decode[/]" if failed else "")
-            )
+    for cat, name in targets:
+        if assignment is None:
+            queries, gallery = pipeline.extract_validation(workspace, name, cat, options)
+        else:
+            queries, gallery = pipeline.extract_test(workspace, name, cat, assignment, options)
+        failed = len(queries.failed) + len(gallery.failed)
+        console.print(
+            f"{cat.label}/{name} {split}: {len(queries)} queries, {len(gallery)} gallery"
+            + (f", [red]{failed} images failed to decode[/]" if failed else "")
+        )
 
 
 @main.command()
@@ -500,3 +518,40 @@ def quickstart(out: Path, team: str, device: str | None) -> None:
     from jdfashion.quickstart import run_quickstart
 
     run_quickstart(out, team=team, device=device, console=console)
+
+
+# -------------------------------------------------------------------------------------------- bench
+@main.group()
+def bench() -> None:
+    """Measured evaluations on real data."""
+
+
+@bench.command("real")
+@click.option(
+    "--dataset",
+    type=click.Path(exists=True, path_type=Path),
+    default=Path("../shared/data/grocery-store/dataset"),
+    show_default=True,
+    help="The Grocery Store dataset folder (read in place).",
+)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/real"), show_default=True)
+@click.option("--smoke", is_flag=True, help="One seed, few rows and epochs, tiny images (the CI check).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds for the repeated rows.")
+@click.option("--epochs", type=int, default=None, help="Override every row's epochs.")
+@click.option("--image-size", type=int, default=None, help="Override every row's image size.")
+@click.option("--rows", default=None, help="Comma list of row names to (re)run; see docs/REALDATA.md.")
+@fail_on_value_errors
+def bench_real(dataset, out, smoke, seeds, epochs, image_size, rows) -> None:
+    """The Grocery Store protocol: histogram, MGPA branch ablation, two backbones, tuned fusion."""
+    from jdfashion.realdata import run_real_protocol
+
+    run_real_protocol(
+        dataset,
+        out,
+        smoke=smoke,
+        seeds=tuple(int(s) for s in seeds.split(",")),
+        epochs=epochs,
+        image_size=image_size,
+        rows=rows.split(",") if rows else None,
+        console=console,
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -62,24 +62,34 @@ def model_outputs(model: torch.nn.Module, images: torch.Tensor, head: Head, flip
     return outputs
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How features are computed; ``head`` and ``flip`` change the features, the rest only the speed."""
+
+    head: Head = "embedding"
+    flip: bool = False
+    batch_size: int = 64
+    num_workers: int = 2
+    show_progress: bool = True
+
+
 def iterate_outputs(
     trained: TrainedModel,
     refs: Sequence[ImageRef],
     image_root: Path,
-    *,
-    head: Head = "embedding",
-    flip: bool = False,
-    batch_size: int = 64,
-    num_workers: int = 2,
+    options: ExtractOptions,
     description: str = "extract",
-    show_progress: bool = True,
-):
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Yield ``(outputs, failed_urls)`` per batch, in list order, with a rich progress bar."""
     device = next(trained.model.parameters()).device
     use_cuda = device.type == "cuda"
     dataset = ItemDataset([Sample(ref, 0) for ref in refs], image_root, eval_transform(trained.image_size))
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=use_cuda
+        dataset,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        collate_fn=collate,
+        pin_memory=use_cuda,
     )
     memory_format = torch.channels_last if use_cuda else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=use_cuda)
@@ -90,7 +100,7 @@ def iterate_outputs(
         TextColumn("{task.fields[rate]:.1f} img/s"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        disable=not show_progress,
+        disable=not options.show_progress,
     )
     with progress, torch.inference_mode(), autocast:
         task = progress.add_task(description, total=len(refs), rate=0.0)
@@ -98,13 +108,28 @@ def iterate_outputs(
         done = 0
         for batch in loader:
             images = batch["images"].to(device, non_blocking=True, memory_format=memory_format)
-            outputs = model_outputs(trained.model, images, head, flip)
+            outputs = model_outputs(trained.model, images, options.head, options.flip)
             ok = batch["ok"]
             outputs[~ok.to(device)] = 0
             failed = [refs[i].url for i in batch["indices"][~ok].tolist()]
             done += len(ok)
             progress.update(task, advance=len(ok), rate=done / (time.perf_counter() - started))
             yield outputs.cpu(), failed
+
+
+def compute_features(
+    trained: TrainedModel,
+    refs: Sequence[ImageRef],
+    image_root: Path,
+    options: ExtractOptions,
+    description: str = "extract",
+) -> FeatureSet:
+    outputs, failed = [], []
+    for batch_outputs, batch_failed in iterate_outputs(trained, refs, image_root, options, description):
+        outputs.append(batch_outputs)
+        failed.extend(batch_failed)
+    features = torch.cat(outputs).half() if outputs else torch.zeros(0, 0, dtype=torch.float16)
+    return FeatureSet([ref.url for ref in refs], features, failed)
 
 
 def fingerprint(trained: TrainedModel, refs: Sequence[ImageRef], head: Head, flip: bool) -> str:
@@ -128,50 +153,36 @@ class FeatureCache:
         trained: TrainedModel,
         refs: Sequence[ImageRef],
         image_root: Path,
-        *,
-        head: Head = "embedding",
-        flip: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 2,
+        options: ExtractOptions = ExtractOptions(),
         description: str = "extract",
-        show_progress: bool = True,
     ) -> FeatureSet:
         """Features for ``refs``: from the cache when the fingerprint matches, else computed by chunks."""
-        key = fingerprint(trained, refs, head, flip)
-        directory = self.root / key
+        directory = self.root / fingerprint(trained, refs, options.head, options.flip)
         index_path = directory / INDEX_FILE
         if index_path.exists():
             return self.load(directory)
-        ids = [ref.url for ref in refs]
         for start in range(0, len(refs), self.chunk_size):
             chunk_path = directory / f"chunk_{start // self.chunk_size:05d}.safetensors"
             if chunk_path.exists():
                 continue
-            outputs, failed = [], []
-            for batch_outputs, batch_failed in iterate_outputs(
+            chunk = compute_features(
                 trained,
                 refs[start : start + self.chunk_size],
                 image_root,
-                head=head,
-                flip=flip,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                description=f"{description} [{start}/{len(refs)}]",
-                show_progress=show_progress,
-            ):
-                outputs.append(batch_outputs)
-                failed.extend(batch_failed)
+                options,
+                f"{description} [{start}/{len(refs)}]",
+            )
             with atomic_path(chunk_path) as tmp:
                 save_file(
-                    {"features": torch.cat(outputs).half().contiguous()},
+                    {"features": chunk.features.contiguous()},
                     str(tmp),
-                    metadata={"failed": json.dumps(failed)},
+                    metadata={"failed": json.dumps(chunk.failed)},
                 )
         index = {
-            "ids": ids,
+            "ids": [ref.url for ref in refs],
             "chunk_size": self.chunk_size,
-            "head": head,
-            "flip": flip,
+            "head": options.head,
+            "flip": options.flip,
             "image_size": trained.image_size,
             "weights_sha256": trained.weights_sha256,
             "model_dir": str(trained.directory),
@@ -201,23 +212,24 @@ class FeatureExtractor:
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.trained = load_trained(Path(model_dir), device)
-        self.flip = flip
-        self.batch_size = batch_size
+        self.options = ExtractOptions(flip=flip, batch_size=batch_size, show_progress=False)
 
     def __call__(self, refs: Sequence[ImageRef], image_root: Path | str) -> FeatureSet:
-        outputs, failed = [], []
-        for batch_outputs, batch_failed in iterate_outputs(
-            self.trained,
-            refs,
-            Path(image_root),
-            flip=self.flip,
-            batch_size=self.batch_size,
-            show_progress=False,
-        ):
-            outputs.append(batch_outputs)
-            failed.extend(batch_failed)
-        return FeatureSet([ref.url for ref in refs], torch.cat(outputs).half(), failed)
+        return compute_features(self.trained, refs, Path(image_root), self.options)
+
+
+class CategoryRouter:
+    """The tops/bags/shoes classifier as a function: ``CategoryRouter("weights/router/x")(refs, root)``."""
+
+    def __init__(self, model_dir: Path | str, device: str | None = None, batch_size: int = 64) -> None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.trained = load_trained(Path(model_dir), device)
+        self.options = ExtractOptions(head="probabilities", batch_size=batch_size, show_progress=False)
+
+    def __call__(self, refs: Sequence[ImageRef], image_root: Path | str) -> np.ndarray:
+        return predicted_categories(compute_features(self.trained, refs, Path(image_root), self.options))
 
 
 def predicted_categories(probabilities: FeatureSet) -> np.ndarray:
+    """Category index per image (``Category(value)``); an undecodable image's zero row reads as clothes."""
     return probabilities.features.float().argmax(dim=1).numpy()

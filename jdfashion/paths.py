@@ -82,6 +82,15 @@ class WeightsLayout:
         name = task.label if isinstance(task, Category) else task
         return self.root / name / backbone
 
+    def trained_models(self) -> list[tuple[Category, str]]:
+        """Every (category, backbone) with saved retrieval weights, for ``extract --all``."""
+        return [
+            (category, directory.name)
+            for category in Category
+            for directory in sorted((self.root / category.label).glob("*"))
+            if (directory / MODEL_WEIGHTS).exists()
+        ]
+
     @property
     def features(self) -> Path:
         return self.root / "features"

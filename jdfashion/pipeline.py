@@ -6,6 +6,7 @@ functions; notebooks call them the same way.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,7 +17,7 @@ import torch
 
 from jdfashion.checkpoint import TrainedModel, load_trained
 from jdfashion.data.jdformat import Category, ImageRef, read_images, read_truth
-from jdfashion.features import FeatureCache, FeatureSet, predicted_categories
+from jdfashion.features import ExtractOptions, FeatureCache, FeatureSet, Head, predicted_categories
 from jdfashion.fusion import FusionWeights, TuneResult, fuse, tune_weights
 from jdfashion.metrics import Scores, evaluate
 from jdfashion.paths import ROUTER, DataLayout, WeightsLayout
@@ -38,6 +39,9 @@ class RetrievalOptions:
     batch_size: int = 64
     num_workers: int = 2
     show_progress: bool = True
+
+    def extraction(self, head: Head = "embedding") -> ExtractOptions:
+        return ExtractOptions(head, self.flip, self.batch_size, self.num_workers, self.show_progress)
 
 
 @dataclass
@@ -75,19 +79,10 @@ class Workspace:
         refs: Sequence[ImageRef],
         options: RetrievalOptions,
         description: str,
-        head: str = "embedding",
+        head: Head = "embedding",
     ) -> FeatureSet:
-        trained = self.trained(task, backbone)
         return self.cache.extract(
-            trained,
-            refs,
-            self.data.images,
-            head=head,
-            flip=options.flip,
-            batch_size=options.batch_size,
-            num_workers=options.num_workers,
-            description=description,
-            show_progress=options.show_progress,
+            self.trained(task, backbone), refs, self.data.images, options.extraction(head), description
         )
 
 
@@ -246,6 +241,24 @@ def evaluate_validation(
         truth.update(val.truth)
         query_category.update({ref.url: category.label for ref in val.queries})
     return evaluate(run, truth, categories=query_category)
+
+
+POSTPROCESSING = {
+    "none": {},
+    "query expansion": {"query_expansion": True},
+    "database augmentation": {"database_augmentation": True},
+    "k-reciprocal": {"k_reciprocal": True},
+}
+
+
+def compare_postprocessing(
+    workspace: Workspace, weights: FusionWeights, categories: Sequence[Category], options: RetrievalOptions
+) -> dict[str, Scores]:
+    """Validation scores of the fused ranking with each re-ranking option alone (features come from cache)."""
+    return {
+        name: evaluate_validation(workspace, weights, categories, dataclasses.replace(options, **flags))
+        for name, flags in POSTPROCESSING.items()
+    }
 
 
 def submit(

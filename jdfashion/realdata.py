@@ -1,4 +1,4 @@
-"""The Grocery Store protocol (docs/REALDATA.md): every results-table row from one call, each rerunnable alone.
+"""The Grocery Store protocol (docs/REALDATA.md): every results-table row from one call, each rerunnable.
 
 Real photos of real products test what the generated demo data cannot: whether learned features beat
 a colour histogram, and whether the MGPA branches help, on identities never seen in training. The
@@ -11,6 +11,7 @@ cores the workers' decoding is a real share of the cost that ``time.process_time
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -31,15 +32,15 @@ from jdfashion.atomic import atomic_write_text
 from jdfashion.baseline import color_histogram_features
 from jdfashion.checkpoint import MODEL_CONFIG, MODEL_WEIGHTS
 from jdfashion.config import TrainConfig
-from jdfashion.data.jdformat import Category, ImageRef, read_images, read_truth
+from jdfashion.data.jdformat import ImageRef, read_images, read_truth, write_images, write_truth
 from jdfashion.data.loader import ItemDataset, PKBatchSampler, collate, train_transform
-from jdfashion.data.manifest import GROCERY_CATEGORY, GROCERY_TEST_CLASSES, grocery_manifest, import_manifest
+from jdfashion.data.manifest import GROCERY_CATEGORY, grocery_manifest, import_manifest
 from jdfashion.data.split import make_split
 from jdfashion.features import FeatureSet
 from jdfashion.fusion import tune_weights
-from jdfashion.metrics import Scores, evaluate
+from jdfashion.metrics import evaluate
 from jdfashion.model.mgpa import create_model
-from jdfashion.paths import DataLayout, WeightsLayout
+from jdfashion.paths import RESUME_CHECKPOINT, DataLayout, WeightsLayout
 from jdfashion.pipeline import RetrievalOptions, Workspace, extract_validation, ranked_lists, validation_set
 from jdfashion.search import topk
 from jdfashion.train import build_optimizer, load_training_data, mgpa_loss, model_config_for, resolved, train
@@ -55,8 +56,8 @@ FUSED_MODELS = ("efficientnet_lite0", "resnet50")
 # Defaults sized so that the full table fits 3 hours on a shared 2-core CPU (docs/REALDATA.md shows
 # the measurement behind them). An "epoch" of the PK sampler is every training identity once (P x K
 # images), not every image: 52 identities at P=16 give 3 batches of 64.
-DEFAULT_EPOCHS = {"efficientnet_lite0": 40, "resnet50": 40}
-DEFAULT_IMAGE_SIZE = {"efficientnet_lite0": 128, "resnet50": 96}
+DEFAULT_EPOCHS = {"efficientnet_lite0": 16, "resnet50": 16}
+DEFAULT_IMAGE_SIZE = {"efficientnet_lite0": 128, "resnet50": 64}
 IDENTITIES_PER_BATCH = 16
 IMAGES_PER_IDENTITY = 4
 SMOKE_EPOCHS = 2
@@ -68,7 +69,9 @@ MIN_IMAGE_SIZE = 48
 # and seed trains on the same identities and the rows stay comparable.
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
-LOADER_WORKERS = 1
+# Loading is a few per cent of a step here (see the step timing), while each epoch's DataLoader would
+# spawn fresh workers that re-import torch: in-process loading is faster for 3-batch epochs.
+LOADER_WORKERS = 0
 TIMING_FILE = "timing.json"
 RESULTS_NAME = "REALDATA-results"
 
@@ -170,7 +173,9 @@ class RealDataReport:
     rows: list[RowResult]
     settings: dict[str, Any]
     step_times: StepTimes | None = None
-    machine: str = field(default_factory=lambda: f"{platform.node()} ({os.cpu_count()} CPUs, torch {torch.__version__})")
+    machine: str = field(
+        default_factory=lambda: f"{platform.node()} ({os.cpu_count()} CPUs, torch {torch.__version__})"
+    )
     date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
 
     def row(self, name: str) -> RowResult:
@@ -211,7 +216,10 @@ class RealDataReport:
                 f"{map10:.3f}{f' ± {map10_std:.3f}' if several else ''} | "
                 f"{row.cpu_seconds:.0f} | {row.wall_seconds:.0f} |"
             )
-        lines += ["", "± is the sample standard deviation over seeds. CPU s includes reaped DataLoader workers."]
+        lines += [
+            "",
+            "± is the sample standard deviation over seeds. CPU s includes reaped DataLoader workers.",
+        ]
         notes = [f"- {row.name}: {row.note}" for row in self.rows if row.note]
         if notes:
             lines += ["", "Notes:", *notes]
@@ -287,8 +295,6 @@ def build_protocol(dataset: Path, data_root: Path, max_queries: int | None = Non
 
 def _thin_queries(queries_path: Path, truth_path: Path, max_queries: int) -> None:
     """Keep ``max_queries`` evenly spaced queries (every identity stays represented) for micro runs."""
-    from jdfashion.data.jdformat import write_images, write_truth
-
     queries = read_images(queries_path)
     if len(queries) <= max_queries:
         return
@@ -338,23 +344,35 @@ def train_config(backbone: str, branches: str, seed: int, epochs: int, image_siz
     )
 
 
-def _trained_model(spec: RowSpec, seed: int, settings: _RunSettings, console: Console) -> Workspace:
-    """Train the row's model for ``seed`` unless an identical finished run is on disk; its training cost
-    is kept beside the weights so a reused model still reports what it took."""
+def _trained_model(
+    spec: RowSpec, seed: int, settings: _RunSettings, console: Console
+) -> tuple[Workspace, bool]:
+    """The workspace of the row's model for ``seed`` and whether it was trained now (else reused: an
+    identical finished run was on disk). Training cost is kept beside the weights, so a reused model
+    still reports what it took."""
     config = resolved(
-        train_config(spec.backbone, spec.branches, seed, settings.epochs_for(spec.backbone), settings.size_for(spec.backbone))
+        train_config(
+            spec.backbone,
+            spec.branches,
+            seed,
+            settings.epochs_for(spec.backbone),
+            settings.size_for(spec.backbone),
+        )
     )
     weights_root = settings.weights_root(spec.name, seed)
     model_dir = WeightsLayout(weights_root).model_dir(GROCERY_CATEGORY, spec.backbone)
     data_root = settings.out / "data"
-    if _finished(model_dir, config):
+    reuse = _finished(model_dir, config)
+    if reuse:
         console.print(f"[dim]{spec.name} seed {seed}: reusing {model_dir}")
     else:
         console.print(f"{spec.name} seed {seed}: training {config.epochs} epochs at {config.image_size} px")
         with _clock() as spent:
             train(config, data_root, weights_root, show_progress=settings.options.show_progress)
         atomic_write_text(model_dir / TIMING_FILE, json.dumps(spent))
-    return Workspace.at(data_root, weights_root, device="cpu")
+        # Resume state of a finished run: 0.1-0.3 GB per model that nothing here reads again.
+        (model_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
+    return Workspace.at(data_root, weights_root, device="cpu"), not reuse
 
 
 def _finished(model_dir: Path, config: TrainConfig) -> bool:
@@ -368,7 +386,9 @@ def _training_cost(workspace: Workspace, backbone: str) -> dict[str, float]:
     return json.loads((workspace.weights.model_dir(GROCERY_CATEGORY, backbone) / TIMING_FILE).read_text())
 
 
-def _test_sets(layout: DataLayout, gallery: Literal["protocol", "test-iconic"]) -> tuple[list[ImageRef], list[ImageRef], dict[str, list[str]]]:
+def _test_sets(
+    layout: DataLayout, gallery: Literal["protocol", "test-iconic"]
+) -> tuple[list[ImageRef], list[ImageRef], dict[str, list[str]]]:
     queries, truth = read_images(layout.queries), read_truth(layout.truth)
     refs = read_images(layout.gallery)
     if gallery == "test-iconic":
@@ -377,25 +397,37 @@ def _test_sets(layout: DataLayout, gallery: Literal["protocol", "test-iconic"]) 
     return queries, refs, truth
 
 
-def _score(query_ids: Sequence[str], gallery_ids: Sequence[str], indices: Any, truth: dict[str, list[str]]) -> Scores:
-    run = {q: [gallery_ids[i] for i in row if i >= 0] for q, row in zip(query_ids, indices.tolist(), strict=True)}
-    return evaluate(run, truth)
-
-
 def _histogram_row(spec: RowSpec, settings: _RunSettings) -> RowResult:
     layout = DataLayout(settings.out / "data")
     queries, gallery, truth = _test_sets(layout, spec.gallery)
     with _clock() as spent:
         query_features = color_histogram_features(queries, layout.images, workers=2).features
         gallery_features = color_histogram_features(gallery, layout.images, workers=2).features
-        _, indices = topk(torch.from_numpy(query_features), torch.from_numpy(gallery_features), min(10, len(gallery)))
-        scores = _score([r.url for r in queries], [r.url for r in gallery], indices, truth)
+        _, indices = topk(
+            torch.from_numpy(query_features), torch.from_numpy(gallery_features), min(10, len(gallery))
+        )
+        gallery_ids = [ref.url for ref in gallery]
+        run = {
+            ref.url: [gallery_ids[i] for i in row] for ref, row in zip(queries, indices.tolist(), strict=True)
+        }
+        scores = evaluate(run, truth)
     note = "HSV 8x8x8 colour histogram, no training"
     if spec.gallery == "test-iconic":
         note += "; gallery = the 16 test iconic images only (the orientation figure), not the protocol's 81"
     return RowResult(
-        spec.name, "", "", (), None, None, (scores.overall.rank1,), (scores.overall.map,),
-        spent["cpu"], spent["wall"], len(queries), len(gallery), note,
+        name=spec.name,
+        backbone="",
+        branches="",
+        seeds=(),
+        epochs=None,
+        image_size=None,
+        rank1=(scores.overall.rank1,),
+        map10=(scores.overall.map,),
+        cpu_seconds=spent["cpu"],
+        wall_seconds=spent["wall"],
+        queries=len(queries),
+        gallery=len(gallery),
+        note=note,
     )
 
 
@@ -405,26 +437,42 @@ def _model_row(spec: RowSpec, settings: _RunSettings, console: Console) -> RowRe
     rank1s, maps, cpu, wall = [], [], 0.0, 0.0
     for seed in settings.seeds_for(spec):
         with _clock() as spent:
-            workspace = _trained_model(spec, seed, settings, console)
+            workspace, trained_now = _trained_model(spec, seed, settings, console)
             sets = _test_features(workspace, spec.backbone, queries, gallery, settings.options)
-            run = ranked_lists({spec.backbone: sets[0]}, {spec.backbone: sets[1]}, {spec.backbone: 1.0}, settings.options)
+            run = ranked_lists(
+                {spec.backbone: sets[0]}, {spec.backbone: sets[1]}, {spec.backbone: 1.0}, settings.options
+            )
             scores = evaluate(run, truth)
-        training = _training_cost(workspace, spec.backbone)
         # A reused model's clock above measured only extraction; add the training it took when made.
-        cpu += spent["cpu"] + (training["cpu"] if spent["wall"] < training["wall"] else 0.0)
-        wall += spent["wall"] + (training["wall"] if spent["wall"] < training["wall"] else 0.0)
+        training = {"cpu": 0.0, "wall": 0.0} if trained_now else _training_cost(workspace, spec.backbone)
+        cpu += spent["cpu"] + training["cpu"]
+        wall += spent["wall"] + training["wall"]
         rank1s.append(scores.overall.rank1)
         maps.append(scores.overall.map)
         console.print(f"{spec.name} seed {seed}: rank-1 {rank1s[-1]:.3f} mAP@10 {maps[-1]:.3f}")
     return RowResult(
-        spec.name, spec.backbone, spec.branches, settings.seeds_for(spec), settings.epochs_for(spec.backbone),
-        settings.size_for(spec.backbone), tuple(rank1s), tuple(maps), cpu, wall, len(queries), len(gallery),
+        spec.name,
+        spec.backbone,
+        spec.branches,
+        settings.seeds_for(spec),
+        settings.epochs_for(spec.backbone),
+        settings.size_for(spec.backbone),
+        tuple(rank1s),
+        tuple(maps),
+        cpu,
+        wall,
+        len(queries),
+        len(gallery),
         "ImageNet weights (packaged)" if PRETRAINED[spec.backbone] == "package" else "from scratch",
     )
 
 
 def _test_features(
-    workspace: Workspace, backbone: str, queries: list[ImageRef], gallery: list[ImageRef], options: RetrievalOptions
+    workspace: Workspace,
+    backbone: str,
+    queries: list[ImageRef],
+    gallery: list[ImageRef],
+    options: RetrievalOptions,
 ) -> tuple[FeatureSet, FeatureSet]:
     return (
         workspace.features(GROCERY_CATEGORY, backbone, queries, options, f"{backbone} test queries"),
@@ -443,12 +491,14 @@ def _fused_row(spec: RowSpec, settings: _RunSettings, console: Console) -> RowRe
     rank1s, maps, cpu, wall, chosen = [], [], 0.0, 0.0, []
     for seed in settings.seeds_for(spec):
         workspaces = {
-            backbone: _trained_model(ROWS[f"{BACKBONE_SHORT[backbone]}-all"], seed, settings, console)
+            backbone: _trained_model(ROWS[f"{BACKBONE_SHORT[backbone]}-all"], seed, settings, console)[0]
             for backbone in FUSED_MODELS
         }
         with _clock() as spent:
             val = validation_set(next(iter(workspaces.values())), GROCERY_CATEGORY)
-            val_sets = {b: extract_validation(w, b, GROCERY_CATEGORY, settings.options) for b, w in workspaces.items()}
+            val_sets = {
+                b: extract_validation(w, b, GROCERY_CATEGORY, settings.options) for b, w in workspaces.items()
+            }
             tuned = tune_weights(
                 {b: s[0].features for b, s in val_sets.items()},
                 {b: s[1].features for b, s in val_sets.items()},
@@ -456,9 +506,14 @@ def _fused_row(spec: RowSpec, settings: _RunSettings, console: Console) -> RowRe
                 [r.url for r in val.gallery],
                 val.truth,
             )
-            test_sets = {b: _test_features(w, b, queries, gallery, settings.options) for b, w in workspaces.items()}
+            test_sets = {
+                b: _test_features(w, b, queries, gallery, settings.options) for b, w in workspaces.items()
+            }
             run = ranked_lists(
-                {b: s[0] for b, s in test_sets.items()}, {b: s[1] for b, s in test_sets.items()}, tuned.weights, settings.options
+                {b: s[0] for b, s in test_sets.items()},
+                {b: s[1] for b, s in test_sets.items()},
+                tuned.weights,
+                settings.options,
             )
             scores = evaluate(run, truth)
         cpu, wall = cpu + spent["cpu"], wall + spent["wall"]
@@ -468,15 +523,24 @@ def _fused_row(spec: RowSpec, settings: _RunSettings, console: Console) -> RowRe
         chosen.append(f"seed {seed}: {weights} (val mAP {tuned.fused_map:.3f})")
         console.print(f"fused seed {seed}: {weights}; rank-1 {rank1s[-1]:.3f} mAP@10 {maps[-1]:.3f}")
     return RowResult(
-        spec.name, spec.backbone, spec.branches, settings.seeds_for(spec), None, None, tuple(rank1s), tuple(maps),
-        cpu, wall, len(queries), len(gallery),
-        "weights tuned on validation; time excludes training the two *-all models (their rows); " + "; ".join(chosen),
+        spec.name,
+        spec.backbone,
+        spec.branches,
+        settings.seeds_for(spec),
+        None,
+        None,
+        tuple(rank1s),
+        tuple(maps),
+        cpu,
+        wall,
+        len(queries),
+        len(gallery),
+        "weights tuned on validation; time excludes training the two *-all models (their rows); "
+        + "; ".join(chosen),
     )
 
 
-def measure_step_times(
-    config: TrainConfig, data_root: Path, batches: int = 4, row: str = ""
-) -> StepTimes:
+def measure_step_times(config: TrainConfig, data_root: Path, batches: int = 4, row: str = "") -> StepTimes:
     """Time data loading, forward and backward of ``batches`` training batches one stage at a time.
 
     Stages run back to back without the DataLoader's overlap (loading in this process), so each share
@@ -488,7 +552,9 @@ def measure_step_times(
     torch.manual_seed(config.seed)
     model = create_model(model_config_for(config, len(data.identities)), pretrained=config.pretrained_weights)
     optimizer = build_optimizer(model, config)
-    sampler = PKBatchSampler(data.groups, config.identities_per_batch, config.images_per_identity, config.seed)
+    sampler = PKBatchSampler(
+        data.groups, config.identities_per_batch, config.images_per_identity, config.seed
+    )
     dataset = ItemDataset(data.samples, layout.images, train_transform(config.image_size, config.augment))
     model.train()
     totals = {"data": 0.0, "forward": 0.0, "backward": 0.0}
@@ -513,7 +579,12 @@ def measure_step_times(
     )
 
 
-def _time_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Iterator[dict[str, torch.Tensor]], config: TrainConfig) -> dict[str, float]:
+def _time_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterator[dict[str, torch.Tensor]],
+    config: TrainConfig,
+) -> dict[str, float]:
     marks = [time.perf_counter()]
     batch = next(loader)
     marks.append(time.perf_counter())
@@ -523,7 +594,9 @@ def _time_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
     loss.backward()
     optimizer.step()
     marks.append(time.perf_counter())
-    return dict(zip(("data", "forward", "backward"), (b - a for a, b in zip(marks, marks[1:])), strict=True))
+    return dict(
+        zip(("data", "forward", "backward"), (b - a for a, b in itertools.pairwise(marks)), strict=True)
+    )
 
 
 def run_real_protocol(
@@ -555,14 +628,23 @@ def run_real_protocol(
     if not seeds:
         raise ValueError("give at least one seed")
     if image_size is not None and image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} (3-way part cuts need 3 map cells), got {image_size}")
+        raise ValueError(
+            f"image_size must be >= {MIN_IMAGE_SIZE} (3-way part cuts need 3 map cells), got {image_size}"
+        )
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     dataset, out = Path(dataset), Path(out)
     if not (dataset / "classes.csv").is_file():
         raise FileNotFoundError(f"{dataset / 'classes.csv'}: not the Grocery Store dataset/ folder")
 
-    settings = _RunSettings(out, seeds, epochs, image_size, smoke, RetrievalOptions(num_workers=LOADER_WORKERS, show_progress=show_progress))
+    settings = _RunSettings(
+        out,
+        seeds,
+        epochs,
+        image_size,
+        smoke,
+        RetrievalOptions(num_workers=LOADER_WORKERS, show_progress=show_progress),
+    )
     protocol = build_protocol(dataset, out / "data", max_queries)
     console.print(
         f"protocol: {protocol.train_identities} training identities, {protocol.val_identities} validation; "
@@ -581,35 +663,46 @@ def run_real_protocol(
         "max_queries": max_queries,
         "command": _command(dataset, out, smoke, seeds, epochs, image_size, rows),
     }
-    previous = _previous_rows(out, recorded)
-    results = {}
-    for name in names:
-        results[name] = runners[ROWS[name].kind](ROWS[name])
-        console.print(f"[bold]{name}[/] done")
-    ordered = [results.get(name) or previous[name] for name in ROWS if name in results or name in previous]
     step_times = None
     if time_steps:
         backbone = "efficientnet_lite0"
-        config = train_config(backbone, "all", seeds[0], settings.epochs_for(backbone), settings.size_for(backbone))
+        config = train_config(
+            backbone, "all", seeds[0], settings.epochs_for(backbone), settings.size_for(backbone)
+        )
         step_times = measure_step_times(config, out / "data", batches=2 if smoke else 4, row="lite0-all")
-    report = RealDataReport(protocol, ordered, recorded, step_times)
-    atomic_write_text(out / f"{RESULTS_NAME}.json", json.dumps(report.to_dict(), indent=1))
-    atomic_write_text(out / f"{RESULTS_NAME}.md", report.to_markdown())
+    previous = _previous_rows(out, recorded)
+    report = RealDataReport(protocol, [], recorded, step_times)
+    for name in names:
+        previous[name] = runners[ROWS[name].kind](ROWS[name])
+        console.print(f"[bold]{name}[/] done")
+        # Written after every row: a long run that is stopped still leaves the rows it finished.
+        report.rows = [previous[row] for row in ROWS if row in previous]
+        atomic_write_text(out / f"{RESULTS_NAME}.json", json.dumps(report.to_dict(), indent=1))
+        atomic_write_text(out / f"{RESULTS_NAME}.md", report.to_markdown())
     return report
 
 
 def _previous_rows(out: Path, settings: dict[str, Any]) -> dict[str, RowResult]:
-    """Rows of an earlier run into ``out`` with the same settings, so a one-row rerun keeps the table whole."""
+    """Rows of an earlier run into ``out`` with equal settings, so a one-row rerun keeps the table whole."""
     path = out / f"{RESULTS_NAME}.json"
     if not path.exists():
         return {}
     earlier = json.loads(path.read_text())
-    same = all(earlier["settings"].get(key) == settings[key] for key in ("smoke", "epochs", "image_size", "max_queries"))
+    same = all(
+        earlier["settings"].get(key) == settings[key]
+        for key in ("smoke", "epochs", "image_size", "max_queries")
+    )
     return {row["name"]: RowResult.from_dict(row) for row in earlier["rows"]} if same else {}
 
 
 def _command(
-    dataset: Path, out: Path, smoke: bool, seeds: Sequence[int], epochs: int | None, image_size: int | None, rows: Sequence[str] | None
+    dataset: Path,
+    out: Path,
+    smoke: bool,
+    seeds: Sequence[int],
+    epochs: int | None,
+    image_size: int | None,
+    rows: Sequence[str] | None,
 ) -> str:
     parts = ["jdfashion bench real", f"--dataset {dataset}", f"--out {out}"]
     parts += ["--smoke"] if smoke else [f"--seeds {','.join(map(str, seeds))}"]
@@ -617,7 +710,3 @@ def _command(
     parts += [f"--image-size {image_size}"] if image_size else []
     parts += [f"--rows {','.join(rows)}"] if rows else []
     return " ".join(parts)
-
-
-TEST_CLASS_IDS = GROCERY_TEST_CLASSES
-__all__ = ["ROWS", "SMOKE_ROWS", "RealDataReport", "RowResult", "StepTimes", "measure_step_times", "run_real_protocol"]

@@ -130,7 +130,7 @@ def test_full_chain_through_the_cli(demo_data: Path, tmp_path: Path) -> None:
     common = ["--data", data, "--weights-root", weights]
     assert invoke("train", "--task", "category", "--backbone", "resnet18", *common, *tiny).exit_code == 0
     assert invoke("train", "--backbone", "resnet18", "--category", "all", *common, *tiny).exit_code == 0
-    extracted = invoke("extract", "--backbones", "resnet18", "--split", "val", "--workers", "0", *common)
+    extracted = invoke("extract", "--all", "--split", "val", "--workers", "0", *common)
     assert extracted.exit_code == 0 and "bags/resnet18 val" in extracted.output
     tuned = invoke("fuse", "--tune", "--backbones", "resnet18", "--workers", "0", *common)
     assert tuned.exit_code == 0, tuned.output

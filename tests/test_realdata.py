@@ -1,0 +1,111 @@
+"""A micro run of the Grocery Store protocol on the real dataset: the split, two rows, a one-row rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from jdfashion.data.jdformat import read_images, read_pairs, read_truth
+from jdfashion.data.manifest import GROCERY_TEST_CLASSES
+from jdfashion.paths import DataLayout
+from jdfashion.realdata import run_real_protocol
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+
+
+@pytest.fixture(scope="module")
+def grocery() -> Path:
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grocery-store" / "dataset"
+    if not (root / "classes.csv").is_file():
+        pytest.skip(f"Grocery Store dataset not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def micro_run(grocery: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("real")
+    report = run_real_protocol(
+        grocery,
+        out,
+        seeds=(0,),
+        epochs=1,
+        image_size=48,
+        rows=["histogram", "lite0-global"],
+        max_queries=32,
+        show_progress=False,
+        console=Console(quiet=True),
+    )
+    return out, report
+
+
+def test_split_follows_the_protocol(micro_run: tuple[Path, object], grocery: Path) -> None:
+    out, report = micro_run
+    layout = DataLayout(out / "data")
+    test_names = {
+        line.split(",")[0]
+        for line in (grocery / "classes.csv").read_text().splitlines()[1:]
+        if int(line.split(",")[1]) in GROCERY_TEST_CLASSES
+    }
+    gallery = read_images(layout.gallery)
+    truth = read_truth(layout.truth)
+    assert len(gallery) == 81 and report.protocol.test_distractors == 65
+    assert all(ref.url.startswith("file://") for ref in gallery)
+    assert not layout.images.exists(), "images must be read in place, never copied"
+    matched = {url for urls in truth.values() for url in urls}
+    assert len(matched) == 16
+    assert {Path(url).parent.name for url in matched} == test_names
+    trained_urls = {ref.url for pair in read_pairs(layout.train_pairs) for ref in (pair.consumer, pair.shop)}
+    assert not trained_urls & (matched | set(truth)), "a test image leaked into training"
+    assert report.protocol.train_identities + report.protocol.val_identities == 65
+    assert report.protocol.val_gallery == 81
+
+
+def test_rows_are_scored_on_the_81_image_gallery(micro_run: tuple[Path, object]) -> None:
+    out, report = micro_run
+    assert [row.name for row in report.rows] == ["histogram", "lite0-global"]
+    for row in report.rows:
+        assert row.gallery == 81 and row.queries == 32
+        assert all(0 <= value <= 1 for value in (*row.rank1, *row.map10))
+        assert row.cpu_seconds > 0 and row.wall_seconds > 0
+    model = report.row("lite0-global")
+    assert model.seeds == (0,) and model.epochs == 1 and model.image_size == 48
+    steps = report.step_times
+    assert steps is not None and min(steps.data_loading, steps.forward, steps.backward_and_step) > 0
+    written = json.loads((out / "REALDATA-results.json").read_text())
+    assert [row["name"] for row in written["rows"]] == ["histogram", "lite0-global"]
+    markdown = (out / "REALDATA-results.md").read_text()
+    assert "| lite0-global | efficientnet_lite0 | global | 0 | 1 | 48 |" in markdown
+
+
+def test_one_row_rerun_keeps_the_table_and_a_smaller_gallery_cannot_score_lower(
+    micro_run: tuple[Path, object], grocery: Path
+) -> None:
+    out, first = micro_run
+    report = run_real_protocol(
+        grocery,
+        out,
+        seeds=(0,),
+        epochs=1,
+        image_size=48,
+        rows=["histogram-16"],
+        max_queries=32,
+        time_steps=False,
+        show_progress=False,
+        console=Console(quiet=True),
+    )
+    assert [row.name for row in report.rows] == ["histogram", "histogram-16", "lite0-global"]
+    assert report.row("lite0-global") == first.row("lite0-global")
+    on_16, on_81 = report.row("histogram-16"), report.row("histogram")
+    assert on_16.gallery == 16
+    # The 16 test iconic images are a subset of the 81: a match can only move up when distractors go.
+    assert on_16.rank1[0] >= on_81.rank1[0] and on_16.map10[0] >= on_81.map10[0]
+
+
+def test_unknown_rows_and_too_small_images_are_refused(grocery: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown rows lite0-pcb"):
+        run_real_protocol(grocery, tmp_path, rows=["lite0-pcb"], console=Console(quiet=True))
+    with pytest.raises(ValueError, match="image_size must be >= 48"):
+        run_real_protocol(grocery, tmp_path, image_size=32, console=Console(quiet=True))
