@@ -1,4 +1,4 @@
-"""Test sessions. ``nox`` runs what CI runs: lint, tests, quickstart.
+"""Test sessions. ``nox`` runs what CI runs: lint, tests, quickstart, the real-data smoke run.
 
 Every session runs in the environment nox itself was installed in (``venv_backend="none"``): the torch
 stack is ~6 GB and one install of it is enough. Set it up once with ``pip install -e '.[dev]'``.
@@ -12,7 +12,7 @@ import tempfile
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "quickstart"]
+nox.options.sessions = ["lint", "tests", "quickstart", "realdata_smoke"]
 PYTHON = sys.executable
 QUIET_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -46,3 +46,27 @@ def benchmarks(session: nox.Session) -> None:
 def realdata(session: nox.Session) -> None:
     """The Grocery Store protocol (docs/REALDATA.md); ``-- --smoke`` for the CI-sized version."""
     session.run(PYTHON, "-m", "jdfashion", "bench", "real", *session.posargs, env=QUIET_ENV)
+
+
+@nox.session(venv_backend="none", name="realdata_smoke")
+def realdata_smoke(session: nox.Session) -> None:
+    """One seed, few rows and epochs on the real photos (skipped where ../shared is absent)."""
+    dataset = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "grocery-store"
+    )
+    if not os.path.isdir(dataset):
+        session.skip(f"Grocery Store dataset not found at {dataset}")
+    out = os.path.join(tempfile.mkdtemp(prefix="jdfashion-realdata-"), "smoke")
+    session.run(
+        PYTHON,
+        "-m",
+        "jdfashion",
+        "bench",
+        "real",
+        "--dataset",
+        os.path.join(dataset, "dataset"),
+        "--out",
+        out,
+        "--smoke",
+        env=QUIET_ENV,
+    )

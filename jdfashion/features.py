@@ -83,6 +83,8 @@ def iterate_outputs(
     """Yield ``(outputs, failed_urls)`` per batch, in list order, with a rich progress bar."""
     device = next(trained.model.parameters()).device
     use_cuda = device.type == "cuda"
+    if not use_cuda:
+        torch.set_flush_denormal(True)  # denormal activations slow CPU arithmetic up to 30x
     dataset = ItemDataset([Sample(ref, 0) for ref in refs], image_root, eval_transform(trained.image_size))
     loader = DataLoader(
         dataset,

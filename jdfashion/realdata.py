@@ -154,7 +154,8 @@ class RowResult:
     def from_dict(cls, data: dict[str, Any]) -> RowResult:
         values = dict(data)
         for name in ("seeds", "rank1", "map10", "rank1_test_only", "map10_test_only"):
-            values[name] = tuple(values[name])
+            if name in values:  # results written before a field existed leave it at its default
+                values[name] = tuple(values[name])
         return cls(**values)
 
 
@@ -429,22 +430,14 @@ def _histogram_row(spec: RowSpec, settings: _RunSettings) -> RowResult:
             ref.url: [gallery_ids[i] for i in row] for ref, row in zip(queries, indices.tolist(), strict=True)
         }
         scores, test_only = _score_both(run, truth)
-    return RowResult(
-        name=spec.name,
-        backbone="",
-        branches="",
-        seeds=(),
-        epochs=None,
-        image_size=None,
-        rank1=(scores.overall.rank1,),
-        map10=(scores.overall.map,),
-        cpu_seconds=spent["cpu"],
-        wall_seconds=spent["wall"],
-        queries=len(queries),
-        gallery=len(gallery),
-        note="HSV 8x8x8 colour histogram, no training",
-        rank1_test_only=(test_only.overall.rank1,),
-        map10_test_only=(test_only.overall.map,),
+    return _result(
+        spec,
+        (),
+        [(scores, test_only)],
+        spent["cpu"],
+        spent["wall"],
+        (len(queries), len(gallery)),
+        "HSV 8x8x8 colour histogram, no training",
     )
 
 
@@ -725,6 +718,7 @@ def run_real_protocol(
         "max_queries": max_queries,
         "command": _command(dataset, out, smoke, seeds, epochs, image_size, rows),
     }
+    previous = _previous_rows(out, recorded)
     step_times = None
     if time_steps:
         backbone = "efficientnet_lite0"
@@ -732,7 +726,6 @@ def run_real_protocol(
             backbone, "all", seeds[0], settings.epochs_for(backbone), settings.size_for(backbone)
         )
         step_times = measure_step_times(config, out / "data", batches=2 if smoke else 4, row="lite0-all")
-    previous = _previous_rows(out, recorded)
     report = RealDataReport(protocol, [], recorded, step_times)
     for name in names:
         previous[name] = runners[ROWS[name].kind](ROWS[name])
