@@ -31,7 +31,7 @@ class QuickstartSettings:
     """Small on purpose: the point is to exercise every stage, not to reach paper accuracy."""
 
     backbones: tuple[str, ...] = QUICK_BACKBONES
-    image_size: int = 64
+    image_size: int = 96
     epochs: int = 6
     identities_per_batch: int = 8
     demo: DemoConfig = field(default_factory=DemoConfig)

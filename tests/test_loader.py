@@ -75,3 +75,14 @@ def test_undecodable_image_is_flagged_not_dropped(tmp_path) -> None:
 def test_pk_sampler_rejects_a_single_identity() -> None:
     with pytest.raises(ValueError, match="at least 2 identities"):
         PKBatchSampler([0, 0, 0], 2, 2)
+
+
+def test_an_epoch_covers_the_images_of_identities_with_many_photos() -> None:
+    groups = [0] * 12 + [1] * 10 + [2] * 8 + [3] * 8 + [4] * 6  # items photographed many times
+    sampler = PKBatchSampler(groups, identities_per_batch=2, images_per_identity=2, seed=3)
+    seen = [index for batch in sampler.batches() for index, _ in batch]
+    assert len(seen) == len(set(seen))  # without replacement within an epoch
+    assert len(seen) >= 0.8 * len(groups)
+    for batch in sampler.batches():
+        labels = [groups[index] for index, _ in batch]
+        assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]

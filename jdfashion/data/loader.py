@@ -98,9 +98,13 @@ class ItemDataset(Dataset):
 class PKBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of P identities x K images, deterministic in (seed, epoch).
 
-    Each identity appears about once per epoch (its images shuffled; drawn with replacement when it
-    has fewer than K). Yields ``(sample_index, augmentation_seed)`` pairs, identity-major, so a
-    contiguous slice of a batch keeps identities whole (what DDP sharding relies on).
+    An epoch is one pass over the images (as torchreid's RandomIdentitySampler): each identity's
+    images are shuffled and cut into groups of K (topped up by re-drawing when it has fewer than K),
+    and each batch takes one group from each of P distinct identities, drawn in proportion to the
+    groups they have left. JD identities have ~2 images, so this is about one batch slot per
+    identity; datasets with many photos per item (Grocery Store) still see every photo. Yields
+    ``(sample_index, augmentation_seed)`` pairs, identity-major, so a contiguous slice of a batch
+    keeps identities whole (what DDP sharding relies on).
     """
 
     def __init__(
@@ -110,19 +114,18 @@ class PKBatchSampler(Sampler[list[tuple[int, int]]]):
         images_per_identity: int,
         seed: int = 0,
     ) -> None:
-        self.labels = np.asarray(labels)
-        self.p = identities_per_batch
         self.k = images_per_identity
         self.seed = seed
         self.epoch = 0
         self.start_batch = 0
-        groups: dict[int, list[int]] = {}
-        for index, label in enumerate(self.labels.tolist()):
-            groups.setdefault(label, []).append(index)
-        self.groups = [np.asarray(groups[label]) for label in sorted(groups)]
+        members: dict[int, list[int]] = {}
+        for index, label in enumerate(np.asarray(labels).tolist()):
+            members.setdefault(label, []).append(index)
+        self.groups = [np.asarray(members[label]) for label in sorted(members)]
         if len(self.groups) < 2:
             raise ValueError(f"PK sampling needs at least 2 identities, got {len(self.groups)}")
-        self.p = min(self.p, len(self.groups))
+        self.p = min(identities_per_batch, len(self.groups))
+        self._planned: tuple[int, list[list[tuple[int, int]]]] | None = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """``start_batch`` skips the batches a resumed run has already trained on."""
@@ -130,17 +133,28 @@ class PKBatchSampler(Sampler[list[tuple[int, int]]]):
         self.start_batch = start_batch
 
     def __len__(self) -> int:
-        return len(self.groups) // self.p
+        return len(self.batches())
 
     def batches(self) -> list[list[tuple[int, int]]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.groups))
+        if self._planned is None or self._planned[0] != self.epoch:
+            self._planned = (self.epoch, self._plan(np.random.default_rng([self.seed, self.epoch])))
+        return self._planned[1]
+
+    def _plan(self, rng: np.random.Generator) -> list[list[tuple[int, int]]]:
+        chunks = []
+        for members in self.groups:
+            shuffled = rng.permutation(members)
+            if len(shuffled) < self.k:
+                shuffled = np.concatenate([shuffled, rng.choice(members, self.k - len(shuffled))])
+            chunks.append([shuffled[i : i + self.k] for i in range(0, len(shuffled) - self.k + 1, self.k)])
+        remaining = np.array([len(c) for c in chunks], dtype=float)
         result = []
-        for b in range(len(self)):
+        while np.count_nonzero(remaining) >= self.p:
+            chosen = rng.choice(len(chunks), size=self.p, replace=False, p=remaining / remaining.sum())
             batch = []
-            for group_index in order[b * self.p : (b + 1) * self.p]:
-                members = self.groups[group_index]
-                picks = rng.choice(members, size=self.k, replace=len(members) < self.k)
+            for identity in chosen:
+                remaining[identity] -= 1
+                picks = chunks[identity][int(remaining[identity])]
                 batch.extend((int(i), int(rng.integers(2**31 - 1))) for i in picks)
             result.append(batch)
         return result
