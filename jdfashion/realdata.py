@@ -61,8 +61,8 @@ MULTI_SEED_BRANCHES = ("global", "all")
 FUSED_MODELS = ("efficientnet_lite0", "resnet50")
 
 # Defaults sized so that the full table fits 3 hours on an idle 2-core CPU: an epoch is one pass over
-# the ~4,500 training photos (about 70 PK batches of 64); measured steps of 1.22 s (lite0, 128 px) and
-# 0.83 s (resnet50, 64 px) give 9 x 6 x 85 s + 9 x 6 x 58 s = about 2.1 h of training for the 18 models.
+# the ~4,500 training photos (about 70 PK batches of 64), and the whole table at 1 epoch took 17 min
+# wall here (docs/REALDATA.md), so 6 epochs take about 1.7 h.
 DEFAULT_EPOCHS = {"efficientnet_lite0": 6, "resnet50": 6}
 DEFAULT_IMAGE_SIZE = {"efficientnet_lite0": 128, "resnet50": 64}
 IDENTITIES_PER_BATCH = 16
