@@ -7,7 +7,7 @@ Model-shape fields live in ``model.mgpa.MGPAConfig``; backbone defaults (batch, 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from jdfashion.data.jdformat import Category
@@ -48,7 +48,6 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
     amp: bool = True  # only takes effect on CUDA
     channels_last: bool = True  # only takes effect on CUDA
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

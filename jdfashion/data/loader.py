@@ -21,6 +21,7 @@ from jdfashion.data.jdformat import ImageRef
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+UNREADABLE_SIZE = 64  # the black stand-in for an undecodable image; resized like any crop
 
 
 def eval_transform(image_size: int) -> A.Compose:
@@ -75,7 +76,6 @@ class ItemDataset(Dataset):
         self.samples = list(samples)
         self.image_root = Path(image_root)
         self.transform = transform
-        self._fallback_size = 64
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -87,7 +87,7 @@ class ItemDataset(Dataset):
             image = load_item(sample.ref, self.image_root)
             ok = True
         except (OSError, ValueError):
-            image = np.zeros((self._fallback_size, self._fallback_size, 3), dtype=np.uint8)
+            image = np.zeros((UNREADABLE_SIZE, UNREADABLE_SIZE, 3), dtype=np.uint8)
             ok = False
         if seed is not None:
             self.transform.set_random_seed(seed)
