@@ -418,6 +418,19 @@ def _score_both(run: dict[str, list[str]], truth: dict[str, list[str]]) -> tuple
     return protocol, test_only
 
 
+def _rank_and_score(
+    sets: dict[str, tuple[FeatureSet, FeatureSet]],
+    weights: dict[str, float],
+    truth: dict[str, list[str]],
+    options: RetrievalOptions,
+) -> tuple[Scores, Scores]:
+    """Fused whole-gallery rankings (every gallery id, so the 16-image view can be cut from them), scored."""
+    queries = {name: pair[0] for name, pair in sets.items()}
+    gallery = {name: pair[1] for name, pair in sets.items()}
+    size = len(next(iter(gallery.values())))
+    return _score_both(ranked_lists(queries, gallery, weights, options, k=size), truth)
+
+
 def _histogram_row(spec: RowSpec, settings: _RunSettings) -> RowResult:
     layout = DataLayout(settings.out / "data")
     queries, gallery, truth = _test_sets(layout)
@@ -450,14 +463,9 @@ def _model_row(spec: RowSpec, settings: _RunSettings, console: Console) -> RowRe
         with _clock() as spent:
             workspace, trained_now = _trained_model(spec, seed, settings, console)
             sets = _test_features(workspace, spec.backbone, queries, gallery, settings.options)
-            run = ranked_lists(
-                {spec.backbone: sets[0]},
-                {spec.backbone: sets[1]},
-                {spec.backbone: 1.0},
-                settings.options,
-                k=len(gallery),
+            per_seed.append(
+                _rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, settings.options)
             )
-            per_seed.append(_score_both(run, truth))
         cost = _seed_cost(workspace, spec.backbone, spent, trained_now)
         cpu, wall = cpu + cost["cpu"], wall + cost["wall"]
         console.print(f"{spec.name} seed {seed}: {_scores_text(*per_seed[-1])}")
@@ -570,14 +578,7 @@ def _fused_row(spec: RowSpec, settings: _RunSettings, console: Console) -> RowRe
             test_sets = {
                 b: _test_features(w, b, queries, gallery, settings.options) for b, w in workspaces.items()
             }
-            run = ranked_lists(
-                {b: s[0] for b, s in test_sets.items()},
-                {b: s[1] for b, s in test_sets.items()},
-                tuned.weights,
-                settings.options,
-                k=len(gallery),
-            )
-            per_seed.append(_score_both(run, truth))
+            per_seed.append(_rank_and_score(test_sets, tuned.weights, truth, settings.options))
         cpu, wall = cpu + spent["cpu"], wall + spent["wall"]
         weights = ", ".join(f"{BACKBONE_SHORT[b]} {w:.2f}" for b, w in sorted(tuned.weights.items()))
         alone = ", ".join(f"{BACKBONE_SHORT[b]} {m:.3f}" for b, (m, _) in sorted(tuned.per_model.items()))

@@ -14,6 +14,15 @@ from jdfashion.paths import DataLayout
 from jdfashion.realdata import run_real_protocol
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+# One seed, one epoch at the smallest size the 3-way cuts allow, 32 queries: seconds, not minutes.
+MICRO = {
+    "seeds": (0,),
+    "epochs": 1,
+    "image_size": 48,
+    "max_queries": 32,
+    "show_progress": False,
+    "console": Console(quiet=True),
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +39,8 @@ def micro_run(grocery: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     report = run_real_protocol(
         grocery,
         out,
-        seeds=(0,),
-        epochs=1,
-        image_size=48,
         rows=["histogram", "lite0-global"],
-        max_queries=32,
-        show_progress=False,
-        console=Console(quiet=True),
+        **MICRO,
     )
     return out, report
 
@@ -90,14 +94,9 @@ def test_one_row_rerun_keeps_the_table_and_reuses_the_model(
     report = run_real_protocol(
         grocery,
         out,
-        seeds=(0,),
-        epochs=1,
-        image_size=48,
         rows=["lite0-global"],
-        max_queries=32,
         time_steps=False,
-        show_progress=False,
-        console=Console(quiet=True),
+        **MICRO,
     )
     assert [row.name for row in report.rows] == ["histogram", "lite0-global"]
     assert report.row("histogram") == first.row("histogram")
