@@ -21,7 +21,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
@@ -30,6 +29,7 @@ from jdfashion.atomic import atomic_path, atomic_write_text
 from jdfashion.checkpoint import TrainedModel, load_trained
 from jdfashion.data.jdformat import ImageRef
 from jdfashion.data.loader import ItemDataset, Sample, collate, eval_transform
+from jdfashion.progress import make_progress
 
 Head = Literal["embedding", "probabilities"]
 INDEX_FILE = "index.json"
@@ -95,15 +95,7 @@ def iterate_outputs(
     )
     memory_format = torch.channels_last if use_cuda else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=use_cuda)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[rate]:.1f} img/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not options.show_progress,
-    )
+    progress = make_progress({"rate": "{rate:.1f} img/s"}, disable=not options.show_progress)
     with progress, torch.inference_mode(), autocast:
         task = progress.add_task(description, total=len(refs), rate=0.0)
         started = time.perf_counter()

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -43,6 +42,7 @@ from jdfashion.data.split import training_identities
 from jdfashion.model.backbones import BACKBONE_PRESETS
 from jdfashion.model.mgpa import MGPA, MGPAConfig, create_model
 from jdfashion.paths import DataLayout, WeightsLayout
+from jdfashion.progress import ProgressLike, make_progress
 
 
 @dataclass
@@ -179,16 +179,8 @@ def pick_device(requested: str | None, dist_info: Distributed) -> torch.device:
     return torch.device("cpu")
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("{task.fields[rate]:.1f} img/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
+def progress_bar() -> ProgressLike:
+    return make_progress({"loss": "loss {loss:.3f}", "rate": "{rate:.1f} img/s"})
 
 
 def train(

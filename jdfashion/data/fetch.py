@@ -18,11 +18,10 @@ from enum import Enum
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from jdfashion.atomic import atomic_path, atomic_write_text
 from jdfashion.data.images import ImageDecodeError, load_image, url_to_path
 from jdfashion.data.jdformat import PAIR_FIELDS, ImageRef, read_images, read_pairs
+from jdfashion.progress import make_progress
 
 # Client errors other than these mean the image is gone; retrying would only load the server.
 _TRANSIENT_CLIENT_STATUSES = frozenset({408, 429})
@@ -85,16 +84,9 @@ def fetch(
         )
     urls = list(dict.fromkeys(item.url if isinstance(item, ImageRef) else item for item in refs_or_urls))
     results: dict[int, tuple[Outcome, str]] = {}
-    columns = (
-        TextColumn("fetch"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[failed]} failed"),
-        TimeRemainingColumn(),
-    )
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
     try:
-        with Progress(*columns, disable=not progress) as bar:
+        with make_progress({"failed": "{failed} failed"}, disable=not progress) as bar:
             task = bar.add_task("fetch", total=len(urls), failed=0)
             futures = {
                 executor.submit(_fetch_one, url, image_root, retries + 1, backoff, timeout): index
