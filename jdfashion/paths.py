@@ -82,14 +82,23 @@ class WeightsLayout:
         name = task.label if isinstance(task, Category) else task
         return self.root / name / backbone
 
-    def trained_models(self) -> list[tuple[Category, str]]:
-        """Every (category, backbone) with saved retrieval weights, for ``extract --all``."""
+    def trained_backbones(self, category: Category) -> list[str]:
+        """The backbones trained for ``category``: folders holding both the weights and the config."""
+        folder = self.root / category.label
+        if not folder.is_dir():
+            return []
         return [
-            (category, directory.name)
-            for category in Category
-            for directory in sorted((self.root / category.label).glob("*"))
-            if (directory / MODEL_WEIGHTS).exists()
+            directory.name
+            for directory in sorted(folder.iterdir())
+            if (directory / MODEL_WEIGHTS).is_file() and (directory / MODEL_CONFIG).is_file()
         ]
+
+    def trained_models(self) -> list[tuple[Category, str]]:
+        """Every trained (category, backbone), for ``extract --all`` and default fusion weights.
+
+        Only category folders hold retrieval models: ``router/`` and ``features/`` never match one.
+        """
+        return [(category, name) for category in Category for name in self.trained_backbones(category)]
 
     @property
     def features(self) -> Path:
@@ -97,10 +106,41 @@ class WeightsLayout:
 
     @property
     def fusion(self) -> Path:
-        return self.root / "fusion.json"
+        return self.root / FUSION_FILE
 
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
 MODEL_METRICS = "metrics.json"
 RESUME_CHECKPOINT = "last.ckpt"
+FUSION_FILE = "fusion.json"
+LIST_FILES = ("p.txt", "q_all.txt", "q.txt", "s.txt", "gt.txt")
+
+
+def fixing_command(path: Path) -> str | None:
+    """The command that creates a missing layout file, recognised by its place in either layout.
+
+    Error messages name it so that a missing file always comes with its fix.
+    """
+    path = Path(path)
+    parts = path.parts
+    for index in range(len(parts) - 1):
+        if parts[index] == "split" and parts[index + 1] in ("train.txt", "val"):
+            return f"jdfashion data split --data {Path(*parts[:index]) if index else Path('.')}"
+    if path.name in LIST_FILES:
+        return f"jdfashion data import-manifest YOUR.csv --out {path.parent}"
+    if path.name == FUSION_FILE:
+        return f"jdfashion fuse --tune --weights-root {path.parent}"
+    if path.name in (MODEL_WEIGHTS, MODEL_CONFIG) and len(parts) >= 3:
+        task, backbone, root = path.parent.parent.name, path.parent.name, path.parent.parent.parent
+        if task == ROUTER:
+            return f"jdfashion train --task category --backbone {backbone} --weights-root {root}"
+        if task in {category.label for category in Category}:
+            return f"jdfashion train --backbone {backbone} --category {task} --weights-root {root}"
+    return None
+
+
+def missing_message(path: Path) -> str:
+    """``path: missing``, with the command that creates it when the layouts know one."""
+    command = fixing_command(path)
+    return f"{path}: missing; create it: {command}" if command else f"{path}: missing"
