@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from jdfashion.data.jdformat import Category
+    from jdfashion.pipeline import Workspace
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 console = Console()
 CATEGORY_CHOICES = click.Choice(["clothes", "bags", "shoes", "all"])
+TRACEBACK_VARIABLE = "JDFASHION_TRACEBACK"
 PAPER_BACKBONES = ("resnet101", "resnet152", "resnext101", "densenet169")
 
 data_option = click.option(
@@ -35,28 +41,59 @@ device_option = click.option(
 )
 
 
-def categories_of(name: str):
+def chosen_category(name: str | None) -> Category | None:
+    """A named category, or None for ``all`` / no choice."""
     from jdfashion.data.jdformat import Category
 
-    return list(Category) if name == "all" else [Category.parse(name)]
+    return None if name in (None, "all") else Category.parse(name)
+
+
+def categories_of(name: str | None, workspace: Workspace) -> list[Category]:
+    """``all`` (or no choice) is every category the data holds; a named one must be held too."""
+    from jdfashion import pipeline
+
+    return pipeline.resolve_categories(workspace, chosen_category(name))
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an expected failure, on one line; OS errors name their file and its fix."""
+    from jdfashion.paths import missing_message
+
+    if isinstance(error, FileNotFoundError) and error.filename is not None:
+        return missing_message(Path(error.filename))
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {(error.strerror or str(error)).lower()}"
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    return f"{lines[0]} {lines[1]} (and {len(lines) - 2} more)"
 
 
 def fail_on_value_errors(function):
-    """Bad input (a malformed line, a missing file) ends in one clear message, not a traceback."""
+    """Every failure ends in one line naming the file and the fix, never a traceback.
+
+    Expected failures (bad input, a missing file or model) already carry that message. Anything
+    else is a bug: it is reported on one line too, and ``JDFASHION_TRACEBACK=1`` shows the traceback.
+    """
     import functools
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
+        from jdfashion.model.backbones import WeightsUnavailableError
+
         try:
             return function(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError) as error:
-            raise click.ClickException(str(error)) from error
-        except RuntimeError as error:
-            from jdfashion.model.backbones import WeightsUnavailableError
-
-            if isinstance(error, WeightsUnavailableError):
-                raise click.ClickException(str(error)) from error
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except (ValueError, OSError, WeightsUnavailableError) as error:
+            raise click.ClickException(one_line(error)) from error
+        except Exception as error:
+            if os.environ.get(TRACEBACK_VARIABLE):
+                raise
+            raise click.ClickException(
+                f"unexpected {type(error).__name__}: {one_line(error)} (a bug: rerun with "
+                f"{TRACEBACK_VARIABLE}=1 and report the traceback)"
+            ) from error
 
     return wrapper
 
@@ -227,12 +264,14 @@ def train(
 ) -> None:
     """Train MGPA models (one per category) or the category router."""
     from jdfashion.config import TrainConfig
+    from jdfashion.pipeline import Workspace
     from jdfashion.train import train as run_training
 
     values = {key: value for key, value in options.items() if value is not None}
     if "decay_epochs" in values:
         values["decay_epochs"] = tuple(int(e) for e in values["decay_epochs"].split(","))
-    targets = ["clothes"] if task == "category" else [c.label for c in categories_of(category)]
+    workspace = Workspace.at(data_root, weights_root)
+    targets = ["clothes"] if task == "category" else [c.label for c in categories_of(category, workspace)]
     for target in targets:
         config = TrainConfig(backbone=backbone, task=task, category=target, **values)
         result = run_training(config, data_root, weights_root, resume=resume, device=device)
@@ -266,21 +305,37 @@ def retrieval_flags(function):
     return function
 
 
-def backbones_option(default: tuple[str, ...] = PAPER_BACKBONES):
-    return click.option(
-        "--backbones", default=",".join(default), show_default=True, help="Comma list of trained backbones."
-    )
+backbones_option = click.option(
+    "--backbones",
+    default=None,
+    help="Comma list of trained backbones. Default: every model trained for the category.",
+)
+category_option = click.option(
+    "--category",
+    type=CATEGORY_CHOICES,
+    default=None,
+    help="Default: every category the data holds.",
+)
+
+
+def backbone_names(text: str | None) -> list[str] | None:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
 
 
 @main.command()
 @click.option("--backbone", default=None, help="One backbone (or use --backbones).")
-@backbones_option()
+@backbones_option
 @click.option(
     "--all", "every_model", is_flag=True, help="Every trained (category, backbone) under the weights root."
 )
-@click.option("--category", type=CATEGORY_CHOICES, default="all", show_default=True)
+@category_option
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
-@click.option("--router-backbone", default="efficientnet_lite0", show_default=True, help="For --split test.")
+@click.option(
+    "--router-backbone",
+    default="efficientnet_lite0",
+    show_default=True,
+    help="For --split test on data that mixes categories.",
+)
 @data_option
 @weights_option
 @device_option
@@ -303,17 +358,13 @@ def extract(
 
     workspace = pipeline.Workspace.at(data_root, weights_root, device)
     options = retrieval_options(**flags)
-    names = [backbone] if backbone else backbones.split(",")
-    targets = (
-        workspace.weights.trained_models()
-        if every_model
-        else [(cat, name) for name in names for cat in categories_of(category)]
-    )
-    if not targets:
-        raise click.ClickException(f"no trained models under {weights_root}")
-    assignment = pipeline.route_test(workspace, router_backbone, options) if split == "test" else None
+    names = [backbone] if backbone else backbone_names(backbones)
+    targets = pipeline.extraction_targets(workspace, chosen_category(category), names, every_model)
+    if split == "test":
+        assignment = pipeline.assign_test(workspace, router_backbone, options, chosen_category(category))
+        targets = [(cat, name) for cat, name in targets if cat in assignment.categories]
     for cat, name in targets:
-        if assignment is None:
+        if split == "val":
             queries, gallery = pipeline.extract_validation(workspace, name, cat, options)
         else:
             queries, gallery = pipeline.extract_test(workspace, name, cat, assignment, options)
@@ -332,8 +383,8 @@ def extract(
     help="e.g. resnet101=0.3,resnet152=0.3,... or clothes:...;bags:... or a JSON file.",
 )
 @click.option("--tune", is_flag=True, help="Choose per-category weights on validation (mAP@10).")
-@backbones_option()
-@click.option("--category", type=CATEGORY_CHOICES, default="all", show_default=True)
+@backbones_option
+@category_option
 @click.option(
     "--save", type=click.Path(path_type=Path), default=None, help="Default: WEIGHTS_ROOT/fusion.json."
 )
@@ -343,30 +394,28 @@ def extract(
 @retrieval_flags
 @fail_on_value_errors
 def fuse(spec, tune, backbones, category, save, data_root, weights_root, device, **flags) -> None:
-    """Fuse the backbones' scores with given or tuned weights; report validation scores."""
+    """Fuse the trained models' scores with given or tuned weights; report validation scores."""
     from jdfashion import pipeline
     from jdfashion.fusion import fusion_table, parse_weights
     from jdfashion.metrics import scores_table
 
     if bool(spec) == tune:
         raise click.UsageError("give exactly one of --weights SPEC and --tune")
+    given = parse_weights(spec) if spec else None  # a bad spec fails before any data is read
     workspace = pipeline.Workspace.at(data_root, weights_root, device)
     options = retrieval_options(**flags)
-    categories = categories_of(category)
-    if tune:
-        weights, results = pipeline.tune_fusion(workspace, backbones.split(","), categories, options)
+    categories = categories_of(category, workspace)
+    if given is None:
+        weights, results = pipeline.tune_fusion(workspace, backbone_names(backbones), categories, options)
         for cat, result in results.items():
             console.print(fusion_table(result, title=f"{cat.label}: validation mAP@10 / rank-1"))
     else:
-        weights = parse_weights(spec)
+        weights = given
+    scores = pipeline.evaluate_validation(workspace, weights, categories, options)
     target = save or workspace.weights.fusion
-    weights.save(target)
-    console.print(
-        scores_table(
-            pipeline.evaluate_validation(workspace, weights, categories, options), title="fused, validation"
-        )
-    )
-    console.print(f"fusion weights saved to {target}")
+    weights.save(target)  # only weights that work: a missing model fails above and leaves the old file
+    console.print(scores_table(scores, title="fused, validation"))
+    console.print(f"fusion weights saved to {target}", markup=False, soft_wrap=True)
 
 
 @main.command()
@@ -378,21 +427,46 @@ def fuse(spec, tune, backbones, category, save, data_root, weights_root, device,
     default=None,
     help="Default: WEIGHTS_ROOT/fusion.json.",
 )
-@click.option("--router-backbone", default="efficientnet_lite0", show_default=True)
+@click.option(
+    "--router-backbone",
+    default="efficientnet_lite0",
+    show_default=True,
+    help="The category router, used only when the data mixes categories.",
+)
+@click.option(
+    "--category",
+    type=click.Choice(["clothes", "bags", "shoes"]),
+    default=None,
+    help="Treat every test image as this category (no router). Default: the data's only category.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("submissions"), show_default=True)
 @data_option
 @weights_option
 @device_option
 @retrieval_flags
 @fail_on_value_errors
-def submit(team, fusion_path, router_backbone, out, data_root, weights_root, device, **flags) -> None:
-    """Write submissions/Item_<team>.txt for the test queries (validated before it replaces anything)."""
+def submit(
+    team, fusion_path, router_backbone, category, out, data_root, weights_root, device, **flags
+) -> None:
+    """Write submissions/Item_<team>.txt for the test queries (validated before it replaces anything).
+
+    Uses WEIGHTS_ROOT/fusion.json when present, else every trained model per category at equal weights.
+    """
     from jdfashion import pipeline
-    from jdfashion.fusion import FusionWeights
 
     workspace = pipeline.Workspace.at(data_root, weights_root, device)
-    weights = FusionWeights.load(fusion_path or workspace.weights.fusion)
-    path = pipeline.submit(workspace, team, weights, router_backbone, retrieval_options(**flags), out)
+    categories = categories_of(category, workspace)
+    choice = pipeline.choose_weights(workspace, categories, fusion_path)
+    console.print(choice.describe(workspace), markup=False, soft_wrap=True)
+    path = pipeline.submit(
+        workspace,
+        team,
+        choice.weights,
+        router_backbone,
+        retrieval_options(**flags),
+        out,
+        category=chosen_category(category),
+    )
     console.print(f"[green]wrote[/] {path}")
 
 
@@ -411,7 +485,7 @@ def validate(submission: Path, queries: Path, gallery: Path) -> None:
         submission, [r.url for r in read_images(queries)], {r.url for r in read_images(gallery)}
     )
     for problem in problems:
-        console.print(f"{submission}:{problem.line}: {problem.message}", markup=False)
+        console.print(f"{submission}:{problem.line}: {problem.message}", markup=False, soft_wrap=True)
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s): the organisers would reject this file")
     console.print(f"[green]{submission} is a valid submission[/]")
@@ -442,10 +516,15 @@ def score(submission: Path, truth: Path, ap_norm: str, categories_path: Path | N
     """rank-1 and mAP@10 of a submission against a ground-truth file."""
     from jdfashion.data.jdformat import read_truth
     from jdfashion.metrics import evaluate, scores_table
+    from jdfashion.paths import fixing_command
     from jdfashion.submission import read_submission
 
     categories = read_query_categories(categories_path) if categories_path else None
-    scores = evaluate(read_submission(submission), read_truth(truth), ap_norm=ap_norm, categories=categories)
+    relevant = read_truth(truth)
+    if not relevant:
+        fix = fixing_command(truth) or "jdfashion data import-manifest YOUR.csv --out DATA"
+        raise click.ClickException(f"{truth}: lists no queries; write the test truth: {fix}")
+    scores = evaluate(read_submission(submission), relevant, ap_norm=ap_norm, categories=categories)
     if as_json:
         click.echo(json.dumps(scores.to_dict(), indent=1))
     else:

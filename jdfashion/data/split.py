@@ -25,7 +25,7 @@ from jdfashion.data.jdformat import (
     write_pairs,
     write_truth,
 )
-from jdfashion.paths import DataLayout
+from jdfashion.paths import DataLayout, fixing_command
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,13 @@ def make_split(
             f"need 0 < val_fraction < 1 and 0 <= distractor_fraction < 1 - val_fraction, "
             f"got {val_fraction} and {distractor_fraction}"
         )
+    pairs = read_pairs(pairs_path)
+    if not pairs:
+        raise ValueError(
+            f"{pairs_path}: lists no pairs; import your data: {fixing_command(Path(pairs_path))}"
+        )
     by_category = {category: [] for category in Category}
-    for identity in identities(read_pairs(pairs_path)):
+    for identity in identities(pairs):
         by_category[identity.category].append(identity)
 
     held_out: dict[Category, tuple[list[Identity], list[Identity]]] = {}
