@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from jdfashion.data.jdformat import Category
+from jdfashion.model.whitening import WhiteningKind
 
 Task = Literal["retrieval", "category"]
 ROUTER_CLASSES = len(Category)
@@ -28,11 +29,20 @@ class TrainConfig:
     pooling: str = "avg"
     last_stride_one: bool = True
     image_size: int = 384
-    epochs: int = 60
-    optimizer: Literal["adam", "sgd"] = "adam"
+    epochs: int = 60  # 0: the frozen reference (untouched pretrained backbone, identity head)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float | None = None  # None: the backbone preset's learning rate
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 5
+    weight_decay: float = 5e-4  # never applied to norms and biases
+    # Fine-tuning that keeps what pretraining taught (docs/REALDATA.md measures each).
+    backbone_lr_mult: float = 1.0  # the backbone's lr = lr x this (parameter groups)
+    head_warmup_epochs: int = 0  # LP-FT: train the head alone first, backbone frozen (BN included)
+    freeze_bn: bool = False  # keep the backbone's BatchNorm statistics as pretrained
+    wise_alphas: tuple[float, ...] = ()  # WiSE-FT: backbone = a*tuned + (1-a)*pretrained, a chosen on val
+    whitening: WhiteningKind = "none"  # learned on the training images after training (model.whitening)
+    whiten_dim: int = 256
+    whiten_shrinkage: float = 1.0
+    validate: bool = True  # val mAP@10 at epoch 0 and after each; ship the best epoch
+    warmup_epochs: float = 5  # linear from 10 %, updated every iteration
     decay_epochs: tuple[int, ...] = (20,)
     decay_factor: float = 0.2
     identities_per_batch: int | None = None  # None: the backbone preset's P
@@ -41,6 +51,7 @@ class TrainConfig:
     triplet_weight: float = 0.0
     triplet_margin: float = 0.3
     augment: Literal["paper", "strong"] = "paper"
+    rotate_degrees: float = 0.0  # random in-plane rotation of training crops, up to this angle
     pretrained: Literal["none", "hub", "package"] = "none"  # package: the ImageNet Lite0 shipped on PyPI
     pretrained_file: str | None = None
     seed: int = 0
@@ -59,8 +70,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {', '.join(unknown)}")
         values = dict(data)
-        if "decay_epochs" in values:
-            values["decay_epochs"] = tuple(values["decay_epochs"])
+        for key in ("decay_epochs", "wise_alphas"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     @property
@@ -72,3 +84,29 @@ class TrainConfig:
     def output_name(self) -> str:
         """The weights subfolder: the category for retrieval models, ``router`` for the classifier."""
         return "router" if self.task == "category" else Category.parse(self.category).label
+
+
+# Named training recipes: field values a recipe sets unless the user sets them. ``finetune`` is for
+# pretrained backbones, chosen from the Grocery measurements in docs/REALDATA.md: the paper's recipe
+# (Adam at full lr on every layer) retrieves worse than the untouched network it starts from.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "finetune": {
+        "optimizer": "adamw",
+        "weight_decay": 0.05,
+        "backbone_lr_mult": 0.1,
+        "head_warmup_epochs": 1,
+        "freeze_bn": True,
+        "warmup_epochs": 0.5,
+        "label_smoothing": 0.1,
+        "wise_alphas": (0.25, 0.5, 0.75),
+        "whitening": "supervised",
+    },
+}
+
+
+def recipe_config(recipe: str, **fields: Any) -> TrainConfig:
+    """A ``TrainConfig`` from a named recipe; explicit ``fields`` win over the recipe's values."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe: unknown recipe {recipe!r}, expected one of {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[recipe], **fields})

@@ -85,7 +85,11 @@ def iterate_outputs(
     use_cuda = device.type == "cuda"
     if not use_cuda:
         torch.set_flush_denormal(True)  # denormal activations slow CPU arithmetic up to 30x
-    dataset = ItemDataset([Sample(ref, 0) for ref in refs], image_root, eval_transform(trained.image_size))
+    dataset = ItemDataset(
+        [Sample(ref, 0) for ref in refs],
+        image_root,
+        eval_transform(trained.image_size, *trained.model_config.normalization),
+    )
     loader = DataLoader(
         dataset,
         batch_size=options.batch_size,

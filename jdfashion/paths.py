@@ -10,7 +10,7 @@ Data root (official layout, plus what ``jdfashion data split`` adds)::
 
 Weights root (``weights/`` by default)::
 
-    WEIGHTS/<category>/<backbone>/model.safetensors config.json metrics.json last.ckpt
+    WEIGHTS/<category>/<backbone>/model.safetensors config.json metrics.json curves.png last.ckpt
     WEIGHTS/router/<backbone>/...           the tops/bags/shoes category classifier
     WEIGHTS/features/<fingerprint>/         cached features (see features.py)
     WEIGHTS/fusion.json                     fusion weights chosen on validation
@@ -112,6 +112,7 @@ class WeightsLayout:
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
 MODEL_METRICS = "metrics.json"
+MODEL_CURVES = "curves.png"  # loss and validation mAP@10 per epoch, beside metrics.json
 RESUME_CHECKPOINT = "last.ckpt"
 FUSION_FILE = "fusion.json"
 LIST_FILES = ("p.txt", "q_all.txt", "q.txt", "s.txt", "gt.txt")

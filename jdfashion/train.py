@@ -1,5 +1,10 @@
 """The training loop: one MGPA model per (category, backbone), or the tops/bags/shoes router.
 
+Shape (fast-reid's, without registries): ``losses.mgpa_losses`` returns named terms, ``train_step``
+runs one batch and returns a dict, ``fit`` runs epochs and a short list of callbacks
+(``callbacks.py``: progress, metrics, validation, checkpoint). ``train`` wires them and adds what
+happens once: the frozen reference (``epochs=0``), best-on-validation selection, WiSE-FT and whitening.
+
 CPU runs are bit-reproducible under a seed; a run killed at any point resumes from its last
 checkpoint and ends with the weights an uninterrupted run would have had. On CUDA it uses AMP and
 channels_last; under ``torchrun`` it trains with DDP (gloo on CPU, nccl on GPU).
@@ -12,36 +17,50 @@ import gc
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from jdfashion.checkpoint import load_resume_state, save_resume_state, save_trained, write_metrics
+from jdfashion.callbacks import (
+    Callback,
+    CheckpointCallback,
+    EpochMetricsCallback,
+    LoopState,
+    ProgressCallback,
+    ValidationCallback,
+    ValidationData,
+    copy_state,
+    plot_curves,
+    validation_scores,
+)
+from jdfashion.checkpoint import load_resume_state, save_trained
 from jdfashion.config import ROUTER_CLASSES, TrainConfig
-from jdfashion.data.jdformat import Category, read_pairs
+from jdfashion.data.jdformat import Category, read_images, read_pairs, read_truth
 from jdfashion.data.loader import (
     ItemDataset,
     PKBatchSampler,
     Sample,
     ShardedBatchSampler,
     collate,
+    eval_transform,
     train_transform,
 )
 from jdfashion.data.split import identities as group_identities
 from jdfashion.data.split import training_identities
-from jdfashion.model.backbones import BACKBONE_PRESETS
-from jdfashion.model.mgpa import MGPA, MGPAConfig, create_model
-from jdfashion.paths import DataLayout, WeightsLayout
+from jdfashion.losses import mgpa_losses
+from jdfashion.model.backbones import BACKBONE_PRESETS, input_normalization
+from jdfashion.model.mgpa import MGPA, MGPAConfig, PartWhitening, create_model
+from jdfashion.model.whitening import learn_part_whitening
+from jdfashion.paths import MODEL_CURVES, DataLayout, WeightsLayout
 from jdfashion.progress import ProgressLike, make_progress
 
 
@@ -94,13 +113,22 @@ def load_training_data(layout: DataLayout, config: TrainConfig) -> TrainingData:
 
 
 def model_config_for(config: TrainConfig, num_classes: int) -> MGPAConfig:
+    """``epochs=0`` is the frozen reference: the identity head, nothing between backbone and search
+    that training would have to learn."""
+    frozen = config.epochs == 0
+    if frozen and config.task == "category":
+        raise ValueError("epochs: the category router needs at least 1 epoch (its classifier is trained)")
+    mean, std = input_normalization(config.backbone)
     return MGPAConfig(
         backbone=config.backbone,
         branches="global" if config.task == "category" else config.branches,
         reduction_dim=config.reduction_dim,
         pooling=config.pooling,
         last_stride_one=config.last_stride_one,
-        num_classes=num_classes,
+        num_classes=0 if frozen else num_classes,
+        head="identity" if frozen else "reduction",
+        input_mean=mean,
+        input_std=std,
     )
 
 
@@ -112,34 +140,124 @@ def resolved(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, lr=lr, identities_per_batch=p)
 
 
-def lr_factor(epoch: int, config: TrainConfig) -> float:
-    """Linear warm-up from 10 % over ``warmup_epochs``, then x``decay_factor`` at each decay epoch."""
-    if epoch < config.warmup_epochs:
-        return 0.1 + 0.9 * epoch / config.warmup_epochs
-    return config.decay_factor ** sum(epoch >= milestone for milestone in config.decay_epochs)
+def lr_factor(progress: float, config: TrainConfig) -> float:
+    """``progress`` in epochs (fractional within an epoch): linear warm-up from 10 % over
+    ``warmup_epochs``, updated every iteration, then x``decay_factor`` at each decay epoch."""
+    if progress < config.warmup_epochs:
+        return 0.1 + 0.9 * progress / config.warmup_epochs
+    return config.decay_factor ** sum(progress >= milestone for milestone in config.decay_epochs)
 
 
-def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
-    """Hardest positive and negative per anchor (Hermans et al. 2017) on unit embeddings."""
-    distances = torch.cdist(embeddings, embeddings)
-    same = labels[:, None] == labels[None, :]
-    hardest_positive = (distances * same).amax(dim=1)
-    hardest_negative = distances.masked_fill(same, float("inf")).amin(dim=1)
-    return F.relu(hardest_positive - hardest_negative + margin).mean()
+def parameter_groups(model: MGPA, config: TrainConfig) -> list[dict[str, Any]]:
+    """Backbone and head groups (the backbone at ``backbone_lr_mult`` x lr), each split so that norms and
+    biases (1-d tensors) get no weight decay. ``lr_scale`` is kept so the schedule can rescale each."""
+    groups = []
+    for part, scale in ((model.backbone, config.backbone_lr_mult), (model.head, 1.0)):
+        params = [p for p in part.parameters() if p.requires_grad]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim > 1) == decay]
+            if chosen:
+                groups.append(
+                    {
+                        "params": chosen,
+                        "weight_decay": config.weight_decay if decay else 0.0,
+                        "lr_scale": scale,
+                        "backbone": part is model.backbone,
+                    }
+                )
+    return groups
 
 
-def mgpa_loss(model_output: Any, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """The paper's sum of per-part cross-entropies, plus the optional triplet term."""
-    loss = sum(
-        F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-        for logits in model_output.logits
-    )
-    if config.triplet_weight > 0:
-        parts = (
-            F.normalize(model_output.parts.float(), dim=-1).flatten(1) / model_output.parts.shape[1] ** 0.5
-        )
-        loss = loss + config.triplet_weight * batch_hard_triplet(parts, labels, config.triplet_margin)
-    return loss
+def build_optimizer(model: MGPA, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown optimizer {config.optimizer!r} (expected 'adam', 'adamw' or 'sgd')")
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, progress: float, config: TrainConfig) -> None:
+    """The schedule, per group; during the LP-FT head warm-up the backbone's lr is 0 (frozen)."""
+    factor = lr_factor(progress, config)
+    for group in optimizer.param_groups:
+        frozen = group.get("backbone", False) and progress < config.head_warmup_epochs
+        group["lr"] = 0.0 if frozen else config.lr * factor * group.get("lr_scale", 1.0)
+
+
+def set_train_mode(model: MGPA, config: TrainConfig, epoch: int) -> None:
+    """Train mode, except the backbone's BatchNorm statistics when frozen (``freeze_bn``, or the LP-FT
+    head warm-up, where the whole backbone must stay as pretrained)."""
+    model.train()
+    if config.freeze_bn or epoch < config.head_warmup_epochs:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    device: torch.device,
+    autocast: Any,
+    memory_format: torch.memory_format,
+) -> dict[str, float]:
+    """One optimisation step; returns the loss terms, correct predictions and batch size."""
+    images = batch["images"].to(device, non_blocking=True, memory_format=memory_format)
+    labels = batch["labels"].to(device, non_blocking=True)
+    with autocast:
+        output = model(images)
+        terms = mgpa_losses(output, labels, config)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    mean_logits = torch.stack([logits.float() for logits in output.logits]).mean(0)
+    logs = {name: float(value.detach()) for name, value in terms.items()}
+    logs["accuracy"] = float((mean_logits.argmax(1) == labels).sum())
+    logs["images"] = float(len(labels))
+    return logs
+
+
+def fit(
+    state: LoopState,
+    step: Callable[[dict[str, torch.Tensor]], dict[str, float]],
+    loader: DataLoader,
+    sampler: ShardedBatchSampler,
+    optimizer: torch.optim.Optimizer,
+    callbacks: Sequence[Callback],
+    start_epoch: int = 0,
+    start_batch: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Epochs from ``start_epoch`` (its first ``start_batch`` steps already done) to ``config.epochs``."""
+    config = state.config
+    for epoch in range(start_epoch, config.epochs):
+        state.epoch = epoch
+        first = start_batch if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first)
+        steps = len(sampler)
+        for callback in callbacks:
+            callback.on_epoch_start(state, steps, first)
+        set_train_mode(state.model, config, epoch)
+        if (
+            world_size == 1
+        ):  # LP-FT head epochs: no backward through the frozen backbone (DDP needs every grad)
+            state.model.backbone.requires_grad_(epoch >= config.head_warmup_epochs)
+        for index, batch in enumerate(loader, start=first):
+            set_learning_rates(optimizer, epoch + index / max(steps, 1), config)
+            logs = step(batch)
+            logs["images"] *= world_size
+            for callback in callbacks:
+                callback.on_step(state, index + 1, logs)
+        for callback in callbacks:
+            callback.on_epoch_end(state)
+    state.model.backbone.requires_grad_(True)
 
 
 @dataclass(frozen=True)
@@ -183,6 +301,21 @@ def progress_bar() -> ProgressLike:
     return make_progress({"loss": "loss {loss:.3f}", "rate": "{rate:.1f} img/s"})
 
 
+def load_validation(layout: DataLayout, config: TrainConfig) -> ValidationData | None:
+    """The category's validation lists (``data split``), when they exist and validation is on."""
+    if not config.validate or config.task != "retrieval":
+        return None
+    category = Category.parse(config.category)
+    if not layout.val_queries(category).exists():
+        return None
+    return ValidationData(
+        read_images(layout.val_queries(category)),
+        read_images(layout.val_gallery(category)),
+        read_truth(layout.val_truth(category)),
+        layout.images,
+    )
+
+
 def train(
     config: TrainConfig,
     data_root: Path,
@@ -193,7 +326,11 @@ def train(
     show_progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Train one model and write it under ``weights_root``; ``resume`` continues from ``last.ckpt``."""
+    """Train one model and write it under ``weights_root``; ``resume`` continues from ``last.ckpt``.
+
+    With validation lists, the model is scored before training and after every epoch and the best
+    epoch is what is saved (epoch 0, the untouched start, included); WiSE-FT and whitening follow.
+    """
     config = resolved(config)
     layout = DataLayout(Path(data_root))
     data = load_training_data(layout, config)
@@ -210,126 +347,198 @@ def train(
         model = create_model(
             model_config, pretrained=config.pretrained_weights, pretrained_file=config.pretrained_file
         )
+        pretrained_backbone = copy_state(model.backbone) if config.wise_alphas else None
         memory_format = torch.channels_last if use_cuda and config.channels_last else torch.contiguous_format
         model.to(run_device, memory_format=memory_format)
-        optimizer = build_optimizer(model, config)
-        amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and config.amp and amp_dtype == torch.float16)
+        console = Console() if show_progress and dist_info.is_main else None
+        validation = load_validation(layout, config) if dist_info.is_main else None
+        state = LoopState(model, config)
 
-        start_epoch, start_batch, metrics = 0, 0, []
-        state = load_resume_state(out_dir) if resume else None
-        if state is not None:
-            check_resumable(state, config, data.fingerprint, out_dir)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
-            metrics = json.loads(state["metrics"])
+        if config.epochs > 0:
+            optimizer = build_optimizer(model, config)
+            amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+            scaler = torch.amp.GradScaler(
+                "cuda", enabled=use_cuda and config.amp and amp_dtype == torch.float16
+            )
+            start_epoch, start_batch = 0, 0
+            saved = load_resume_state(out_dir) if resume else None
+            if saved is not None:
+                check_resumable(saved, config, data.fingerprint, out_dir)
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                scaler.load_state_dict(saved["scaler"])
+                start_epoch, start_batch = int(saved["epoch"]), int(saved["batch"])
+                state.metrics = json.loads(saved["metrics"])
+                best = json.loads(saved["best"])
+                state.best_score, state.best_epoch = best["score"], best["epoch"]
+                state.best_state = saved["best_state"] or None
+            validator = ValidationCallback(validation, config.num_workers, console) if validation else None
+            if validator and saved is None:
+                validator.measure(state, 0)
 
-        trained: torch.nn.Module = model
-        if dist_info.world_size > 1:
-            trained = DistributedDataParallel(model, device_ids=[run_device.index] if use_cuda else None)
-
-        base_sampler = PKBatchSampler(
-            data.groups, config.identities_per_batch, config.images_per_identity, config.seed
-        )
-        sampler = ShardedBatchSampler(base_sampler, dist_info.rank, dist_info.world_size)
-        dataset = ItemDataset(data.samples, layout.images, train_transform(config.image_size, config.augment))
-        loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=config.num_workers,
-            collate_fn=collate,
-            pin_memory=use_cuda,
-            persistent_workers=False,
-        )
-        autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda and config.amp else nullcontext()
-
-        def checkpoint(epoch: int, batch: int) -> None:
-            if dist_info.is_main:
-                save_resume_state(
-                    out_dir,
-                    {
-                        "model": model.state_dict(),
+            trained: nn.Module = model
+            if dist_info.world_size > 1:
+                trained = DistributedDataParallel(model, device_ids=[run_device.index] if use_cuda else None)
+            base_sampler = PKBatchSampler(
+                data.groups, config.identities_per_batch, config.images_per_identity, config.seed
+            )
+            sampler = ShardedBatchSampler(base_sampler, dist_info.rank, dist_info.world_size)
+            mean, std = model_config.normalization
+            transform = train_transform(config.image_size, mean, std, config.augment, config.rotate_degrees)
+            loader = DataLoader(
+                ItemDataset(data.samples, layout.images, transform),
+                batch_sampler=sampler,
+                num_workers=config.num_workers,
+                collate_fn=collate,
+                pin_memory=use_cuda,
+                persistent_workers=False,
+            )
+            autocast = torch.autocast("cuda", dtype=amp_dtype) if use_cuda and config.amp else nullcontext()
+            callbacks: list[Callback] = [EpochMetricsCallback()]
+            with progress_bar() if console else nullcontext() as progress:
+                if progress is not None:
+                    callbacks.append(ProgressCallback(progress, f"{config.output_name}/{config.backbone}"))
+                if validator:
+                    callbacks.append(validator)
+                if dist_info.is_main:
+                    extra = lambda: {  # noqa: E731
                         "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(),
-                        "epoch": epoch,
-                        "batch": batch,
-                        "metrics": json.dumps(metrics),
                         "config": json.dumps(config.to_dict()),
                         "data_fingerprint": data.fingerprint,
-                    },
-                )
-
-        with progress_bar() if show_progress and dist_info.is_main else nullcontext() as progress:
-            for epoch in range(start_epoch, config.epochs):
-                first_batch = start_batch if epoch == start_epoch else 0
-                sampler.set_epoch(epoch, first_batch)
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * lr_factor(epoch, config)
-                task = (
-                    progress.add_task(
-                        f"{config.output_name}/{config.backbone} epoch {epoch + 1}/{config.epochs}",
-                        total=len(sampler),
-                        completed=first_batch,
-                        loss=0.0,
-                        rate=0.0,
-                    )
-                    if progress
-                    else None
-                )
-                trained.train()
-                losses, correct, seen, started = [], 0, 0, time.perf_counter()
-                for batch_index, batch in enumerate(loader, start=first_batch):
-                    images = batch["images"].to(run_device, non_blocking=True, memory_format=memory_format)
-                    labels = batch["labels"].to(run_device, non_blocking=True)
-                    with autocast:
-                        output = trained(images)
-                        loss = mgpa_loss(output, labels, config)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    losses.append(loss.item())
-                    mean_logits = torch.stack([logits.float() for logits in output.logits]).mean(0)
-                    correct += int((mean_logits.argmax(1) == labels).sum())
-                    seen += len(labels)
-                    rate = seen * dist_info.world_size / (time.perf_counter() - started)
-                    if progress:
-                        progress.update(task, advance=1, loss=float(np.mean(losses)), rate=rate)
-                    if config.checkpoint_every and (batch_index + 1) % config.checkpoint_every == 0:
-                        checkpoint(epoch, batch_index + 1)
-                    if on_step:
-                        on_step(epoch, batch_index + 1)
-                seconds = time.perf_counter() - started
-                metrics.append(
-                    {
-                        "epoch": epoch + 1,
-                        "loss": float(np.mean(losses)) if losses else float("nan"),
-                        "train_accuracy": correct / max(seen, 1),
-                        "images_per_second": seen * dist_info.world_size / max(seconds, 1e-9),
-                        "seconds": seconds,
-                        "lr": optimizer.param_groups[0]["lr"],
                     }
+                    callbacks.append(CheckpointCallback(out_dir, config.checkpoint_every, extra))
+                if on_step:
+                    callbacks.append(_StepHook(on_step))
+
+                def step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+                    return train_step(
+                        trained, batch, optimizer, scaler, config, run_device, autocast, memory_format
+                    )
+
+                fit(
+                    state,
+                    step,
+                    loader,
+                    sampler,
+                    optimizer,
+                    callbacks,
+                    start_epoch,
+                    start_batch,
+                    dist_info.world_size,
                 )
-                checkpoint(epoch + 1, 0)
-                if dist_info.is_main:
-                    write_metrics(out_dir, metrics)
+            del trained, loader
+        elif validation and dist_info.is_main:
+            ValidationCallback(validation, config.num_workers, console).measure(state, 0)
 
         if dist_info.is_main:
-            save_trained(out_dir, model, config, model_config, data.identities, data.fingerprint, metrics)
-        del trained, loader
-    return TrainResult(out_dir, metrics, model)
+            finish(state, data, layout, validation, pretrained_backbone, console)
+            save_trained(
+                out_dir, model, config, model.config, data.identities, data.fingerprint, state.metrics
+            )
+            plot_curves(out_dir / MODEL_CURVES, state.metrics)
+    return TrainResult(out_dir, state.metrics, model)
 
 
-def build_optimizer(model: MGPA, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True
-        )
-    raise ValueError(f"unknown optimizer {config.optimizer!r} (expected 'adam' or 'sgd')")
+class _StepHook(Callback):
+    """The ``on_step(epoch, step)`` argument of ``train`` (tests use it to kill a run mid-epoch)."""
+
+    def __init__(self, hook: Callable[[int, int], None]) -> None:
+        self.hook = hook
+
+    def on_step(self, state: LoopState, step: int, logs: dict[str, float]) -> None:
+        self.hook(state.epoch, step)
+
+
+def finish(
+    state: LoopState,
+    data: TrainingData,
+    layout: DataLayout,
+    validation: ValidationData | None,
+    pretrained_backbone: dict[str, torch.Tensor] | None,
+    console: Console | None,
+) -> None:
+    """After the last epoch: restore the best epoch, pick the WiSE-FT mix, learn the whitening.
+    Each choice is logged in the metrics (``stage`` rows)."""
+    model, config = state.model, state.config
+    model.eval()
+    if state.best_state is not None and state.best_epoch != config.epochs:
+        model.load_state_dict(state.best_state)
+        if console:
+            console.print(f"keeping epoch {state.best_epoch}: best validation mAP@10 {state.best_score:.4f}")
+    if state.best_epoch is not None:
+        state.metrics.append({"stage": "selected", "epoch": state.best_epoch, "val_map": state.best_score})
+    if config.wise_alphas and pretrained_backbone is not None and validation is not None and config.epochs:
+        choose_wise_alpha(state, validation, pretrained_backbone, console)
+    if config.whitening != "none":
+        attach_whitening(model, data, layout, config)
+        row: dict[str, Any] = {"stage": "whitening", "kind": config.whitening, "dim": model.config.whiten_dim}
+        if validation is not None:
+            scores = validation_scores(model, config, validation, config.num_workers).overall
+            row.update({"val_map": scores.map, "val_rank1": scores.rank1})
+            if console:
+                console.print(f"{config.whitening} whitening: validation mAP@10 {scores.map:.4f}")
+        state.metrics.append(row)
+
+
+def choose_wise_alpha(
+    state: LoopState,
+    validation: ValidationData,
+    pretrained_backbone: dict[str, torch.Tensor],
+    console: Console | None,
+) -> None:
+    """WiSE-FT (Wortsman et al. 2022): backbone = a x tuned + (1 - a) x pretrained, ``a`` from the
+    config's grid by validation mAP@10; a = 1 (the tuned model as is) is always a candidate."""
+    model, config = state.model, state.config
+    tuned = copy_state(model.backbone)
+    best_alpha, best_map = 1.0, state.best_score
+    for alpha in sorted(set(config.wise_alphas) - {1.0}):
+        mixed = interpolate(tuned, pretrained_backbone, alpha)
+        model.backbone.load_state_dict(mixed)
+        score = validation_scores(model, config, validation, config.num_workers).overall.map
+        state.metrics.append({"stage": "wise", "alpha": alpha, "val_map": score})
+        if score > best_map:
+            best_alpha, best_map = alpha, score
+    final = interpolate(tuned, pretrained_backbone, best_alpha)
+    model.backbone.load_state_dict(final)
+    state.metrics.append({"stage": "wise_selected", "alpha": best_alpha, "val_map": best_map})
+    if console:
+        console.print(f"WiSE-FT: alpha {best_alpha} (validation mAP@10 {best_map:.4f})")
+
+
+def interpolate(
+    tuned: dict[str, torch.Tensor], pretrained: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """alpha x tuned + (1 - alpha) x pretrained for every float tensor (BN statistics included)."""
+    return {
+        key: alpha * value + (1 - alpha) * pretrained[key] if value.is_floating_point() else value
+        for key, value in tuned.items()
+    }
+
+
+def attach_whitening(model: MGPA, data: TrainingData, layout: DataLayout, config: TrainConfig) -> None:
+    """Learn per-part whitening from the training images (no augmentation) and add it to the model."""
+    device = next(model.parameters()).device
+    mean, std = model.config.normalization
+    loader = DataLoader(
+        ItemDataset(data.samples, layout.images, eval_transform(config.image_size, mean, std)),
+        batch_size=64,
+        num_workers=config.num_workers,
+        collate_fn=collate,
+    )
+    parts, labels = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            ok = batch["ok"]
+            parts.append(model.part_features(batch["images"].to(device))[ok.to(device)].float().cpu())
+            labels.append(batch["labels"][ok])
+    whitening_mean, projection = learn_part_whitening(
+        torch.cat(parts), torch.cat(labels), config.whitening, config.whiten_dim, config.whiten_shrinkage
+    )
+    model.config = dataclasses.replace(model.config, whiten_dim=projection.shape[2])
+    model.whitening = PartWhitening(model.num_parts, model.part_dim, projection.shape[2]).to(device)
+    model.whitening.mean.copy_(whitening_mean)
+    model.whitening.projection.copy_(projection)
 
 
 def check_resumable(state: dict[str, Any], config: TrainConfig, fingerprint: str, out_dir: Path) -> None:

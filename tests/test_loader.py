@@ -14,6 +14,8 @@ from jdfashion.data.loader import (
     train_transform,
 )
 
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
 
 def test_pk_batches_hold_p_identities_of_k_images_each() -> None:
     groups = [i // 3 for i in range(30)]  # 10 identities x 3 images
@@ -59,7 +61,9 @@ def test_augmentation_is_keyed_by_seed_not_global_state(tmp_path) -> None:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     ref = ImageRef("a.png", Box(0, 0, 50, 40))
-    dataset = ItemDataset([Sample(ref, 0)], tmp_path, train_transform(32, "strong"))
+    dataset = ItemDataset(
+        [Sample(ref, 0)], tmp_path, train_transform(32, *HALF, augment="strong", rotate_degrees=30)
+    )
     a, b, c = dataset[(0, 11)][0], dataset[(0, 11)][0], dataset[(0, 12)][0]
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
@@ -67,7 +71,9 @@ def test_augmentation_is_keyed_by_seed_not_global_state(tmp_path) -> None:
 
 def test_undecodable_image_is_flagged_not_dropped(tmp_path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    dataset = ItemDataset([Sample(ImageRef("bad.jpg", Box(0, 0, 10, 10)), 3)], tmp_path, eval_transform(32))
+    dataset = ItemDataset(
+        [Sample(ImageRef("bad.jpg", Box(0, 0, 10, 10)), 3)], tmp_path, eval_transform(32, *HALF)
+    )
     image, label, index, ok = dataset[0]
     assert image.shape == (3, 32, 32) and label == 3 and index == 0 and not ok
 

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from jdfashion.checkpoint import load_trained
 from jdfashion.config import TrainConfig
-from jdfashion.paths import MODEL_CONFIG, MODEL_WEIGHTS, RESUME_CHECKPOINT
-from jdfashion.train import lr_factor, train
+from jdfashion.model.mgpa import create_model
+from jdfashion.paths import MODEL_CONFIG, MODEL_WEIGHTS, RESUME_CHECKPOINT, DataLayout
+from jdfashion.train import load_training_data, lr_factor, model_config_for, resolved, train
 
 TINY = {"image_size": 48, "identities_per_batch": 2, "num_workers": 0, "warmup_epochs": 1}
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def test_one_epoch_on_demo_data_for_each_backbone(backbone: str, demo_data: Path
     config = TrainConfig(backbone=backbone, category="bags", epochs=1, **TINY)
     result = train(config, demo_data, tmp_path, show_progress=False)
     assert (result.directory / MODEL_WEIGHTS).exists()
-    (epoch,) = result.metrics
+    (epoch,) = [row for row in result.metrics if "loss" in row]
     assert epoch["loss"] > 0 and epoch["images_per_second"] > 0
     loaded = load_trained(result.directory)
     assert loaded.model_config.backbone == backbone
@@ -47,7 +48,7 @@ def test_training_reduces_loss_and_saves_full_config(demo_data: Path, tmp_path: 
         backbone="resnet18", category="shoes", epochs=4, lr=1e-3, branches="horizontal", **TINY
     )
     result = train(config, demo_data, tmp_path, show_progress=False)
-    losses = [m["loss"] for m in result.metrics]
+    losses = [m["loss"] for m in result.metrics if "loss" in m]
     assert losses[-1] < losses[0]
     saved = json.loads((result.directory / MODEL_CONFIG).read_text())
     assert saved["train"]["branches"] == "horizontal" and saved["model"]["branches"] == "horizontal"
@@ -104,7 +105,8 @@ def test_kill_9_mid_epoch_then_resume_reaches_uninterrupted_weights(demo_data: P
     straight = train(TrainConfig(**config), demo_data, tmp_path / "straight", show_progress=False)
     a, b = load_file(resumed.directory / MODEL_WEIGHTS), load_file(straight.directory / MODEL_WEIGHTS)
     assert all(torch.equal(a[name], b[name]) for name in a)
-    assert [m["epoch"] for m in resumed.metrics] == [1, 2, 3]
+    assert [m["epoch"] for m in resumed.metrics if "stage" not in m] == [0, 1, 2, 3]
+    assert [m.get("val_map") for m in resumed.metrics] == [m.get("val_map") for m in straight.metrics]
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(demo_data: Path, tmp_path: Path) -> None:
@@ -124,7 +126,7 @@ def test_ddp_on_two_cpu_processes_keeps_replicas_equal(demo_data: Path, tmp_path
         from jdfashion.config import TrainConfig
         from jdfashion.train import train
         config = TrainConfig(backbone="resnet18", category="clothes", epochs=2, image_size=48,
-                             identities_per_batch=4, num_workers=0, warmup_epochs=1)
+                             identities_per_batch=4, num_workers=0, warmup_epochs=1, validate=False)
         weights = Path({str(tmp_path / "weights")!r})
         result = train(config, Path({str(demo_data)!r}), weights, show_progress=False)
         from tests.test_train import state_digest
@@ -142,17 +144,11 @@ def test_ddp_on_two_cpu_processes_keeps_replicas_equal(demo_data: Path, tmp_path
     assert completed.returncode == 0, completed.stderr[-3000:]
     rank0, rank1 = (tmp_path / "rank0").read_text(), (tmp_path / "rank1").read_text()
     assert rank0 == rank1
-    initial = TrainConfig(
-        backbone="resnet18",
-        category="clothes",
-        epochs=0,
-        image_size=48,
-        identities_per_batch=4,
-        num_workers=0,
-        warmup_epochs=1,
-    )
-    untrained = train(initial, demo_data, tmp_path / "untrained", show_progress=False)
-    assert state_digest(untrained.model) != rank0  # the replicas trained, and trained alike
+    initial = resolved(TrainConfig(backbone="resnet18", category="clothes", identities_per_batch=4))
+    classes = len(load_training_data(DataLayout(demo_data), initial).identities)
+    torch.manual_seed(initial.seed)  # the initialisation train() starts from
+    untrained = create_model(model_config_for(initial, classes))
+    assert state_digest(untrained) != rank0  # the replicas trained, and trained alike
 
 
 def test_router_trains_on_categories(demo_data: Path, tmp_path: Path) -> None:
@@ -168,3 +164,5 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert factors[0] == pytest.approx(0.1) and factors[1] == pytest.approx(0.55)
     assert factors[2:5] == [1.0, 1.0, 1.0]
     assert factors[5] == pytest.approx(0.2) and factors[9] == pytest.approx(0.04)
+    # Warm-up moves every iteration, not once per epoch.
+    assert lr_factor(0.5, config) == pytest.approx(0.1 + 0.9 * 0.25)

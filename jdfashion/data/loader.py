@@ -19,25 +19,28 @@ from torch.utils.data import Dataset, Sampler
 from jdfashion.data.images import load_item
 from jdfashion.data.jdformat import ImageRef
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+Stats = tuple[float, ...]
 UNREADABLE_SIZE = 64  # the black stand-in for an undecodable image; resized like any crop
 
 
-def eval_transform(image_size: int) -> A.Compose:
-    """The item crop is squashed to a square, as the paper's 384x384 input."""
+def eval_transform(image_size: int, mean: Stats, std: Stats) -> A.Compose:
+    """The item crop is squashed to a square, as the paper's 384x384 input. ``mean``/``std`` are the
+    backbone's own (``model.backbones.input_normalization``), never assumed."""
     return A.Compose(
         [
             A.Resize(image_size, image_size),
-            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            A.Normalize(mean=mean, std=std),
             A.ToTensorV2(),
         ]
     )
 
 
-def train_transform(image_size: int, augment: str = "paper") -> A.Compose:
+def train_transform(
+    image_size: int, mean: Stats, std: Stats, augment: str = "paper", rotate_degrees: float = 0.0
+) -> A.Compose:
     """``paper``: random mirror + random crop (pad then crop, as PCB). ``strong`` adds the consumer-photo
-    nuisances the paper's data has: rotation, scale, colour cast and occlusion."""
+    nuisances the paper's data has: rotation, scale, colour cast and occlusion. ``rotate_degrees``
+    rotates in-plane by up to that angle (black fill): what the paper's annular parts are for."""
     pad = max(1, image_size // 16)
     steps: list[A.BasicTransform] = [
         A.Resize(image_size, image_size),
@@ -55,7 +58,9 @@ def train_transform(image_size: int, augment: str = "paper") -> A.Compose:
         ]
     elif augment != "paper":
         raise ValueError(f"unknown augmentation {augment!r} (expected 'paper' or 'strong')")
-    steps += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), A.ToTensorV2()]
+    if rotate_degrees > 0:
+        steps.append(A.Rotate(limit=(-rotate_degrees, rotate_degrees), border_mode=0, fill=0, p=1.0))
+    steps += [A.Normalize(mean=mean, std=std), A.ToTensorV2()]
     return A.Compose(steps)
 
 

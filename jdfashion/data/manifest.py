@@ -166,7 +166,7 @@ def grocery_manifest(
     otherwise as a distractor (a train class's iconic image is also its training shop image).
     """
     root = Path(dataset_root).absolute()
-    iconic = _grocery_iconic_images(root)
+    iconic = grocery_iconic_images(root)
     overlap = set(train_ids) & set(test_ids)
     unknown = (set(train_ids) | set(test_ids)) - iconic.keys()
     if overlap:
@@ -342,7 +342,7 @@ def _split_domains(members: Sequence[_Row]) -> tuple[list[_Row], list[_Row]]:
     return [r for r in members if r.domain == "consumer"], [r for r in members if r.domain == "shop"]
 
 
-def _grocery_iconic_images(root: Path) -> dict[int, tuple[str, Path]]:
+def grocery_iconic_images(root: Path) -> dict[int, tuple[str, Path]]:
     """classes.csv -> {class id: (class name, iconic image path)}."""
     classes_path = root / "classes.csv"
     reader = csv.reader(io.StringIO(read_text(classes_path), newline=""))

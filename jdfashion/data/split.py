@@ -7,7 +7,7 @@ the same shop image show the same item, so they must stay on the same side of th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +116,7 @@ def make_split(
     distractor_fraction: float = 0.1,
     seed: int = 0,
     extra_distractors: Sequence[ImageRef] | None = None,
+    val_pool: Callable[[Identity], bool] | None = None,
 ) -> SplitSummary:
     """Write ``out.train_pairs`` and per category the validation queries, gallery and truth.
 
@@ -123,7 +124,10 @@ def make_split(
     photos are queries, their shop images the matches) and ``distractor_fraction`` more give only
     their shop images to the gallery. ``extra_distractors`` (uncategorised, e.g. s.txt images) join
     every category's gallery. A category with at least two identities always gets one validation
-    identity and keeps one for training. Same inputs and seed give byte-identical files.
+    identity and keeps one for training. ``val_pool`` restricts validation to the identities it
+    accepts (``val_fraction`` is then a fraction of those), so validation can resemble the test
+    (e.g. packaged products when the test is packaged products). Same inputs and seed give
+    byte-identical files.
     """
     if not 0 < val_fraction < 1 or not 0 <= distractor_fraction < 1 - val_fraction:
         raise ValueError(
@@ -142,7 +146,9 @@ def make_split(
     held_out: dict[Category, tuple[list[Identity], list[Identity]]] = {}
     train: dict[Category, list[Identity]] = {}
     for category, members in by_category.items():
-        val, distractor, train[category] = _assign(members, val_fraction, distractor_fraction, seed, category)
+        val, distractor, train[category] = _assign(
+            members, val_fraction, distractor_fraction, seed, category, val_pool
+        )
         held_out[category] = (val, distractor)
 
     held_out_urls = {url for groups in held_out.values() for group in groups for i in group for url in i.urls}
@@ -186,15 +192,29 @@ def _identity(pairs: list[Pair]) -> Identity:
 
 
 def _assign(
-    members: list[Identity], val_fraction: float, distractor_fraction: float, seed: int, category: Category
+    members: list[Identity],
+    val_fraction: float,
+    distractor_fraction: float,
+    seed: int,
+    category: Category,
+    val_pool: Callable[[Identity], bool] | None = None,
 ) -> tuple[list[Identity], list[Identity], list[Identity]]:
-    """Shuffle one category's identities (seeded per category) into validation, distractor, train."""
+    """Shuffle one category's identities (seeded per category) into validation, distractor, train;
+    with ``val_pool``, validation identities come first from the pool's shuffled members."""
     count = len(members)
     if count < 2:
         return [], [], list(members)
-    val_count = min(max(1, round(count * val_fraction)), count - 1)
+    rng = np.random.default_rng([seed, category.value])
+    order = rng.permutation(count)
+    pool_size = count
+    if val_pool is not None:
+        in_pool = np.array([val_pool(members[i]) for i in order], dtype=bool)
+        order = np.concatenate([order[in_pool], order[~in_pool]])
+        pool_size = int(in_pool.sum())
+        if pool_size == 0:
+            raise ValueError(f"{category.label}: no identity qualifies for validation (val_pool)")
+    val_count = min(max(1, round(pool_size * val_fraction)), pool_size, count - 1)
     distractor_count = min(round(count * distractor_fraction), count - 1 - val_count)
-    order = np.random.default_rng([seed, category.value]).permutation(count)
     val_index = sorted(order[:val_count])
     distractor_index = sorted(order[val_count : val_count + distractor_count])
     train_index = sorted(order[val_count + distractor_count :])

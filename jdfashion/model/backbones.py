@@ -88,18 +88,34 @@ BACKBONE_PRESETS: dict[str, BackbonePreset] = {
     ),
     "densenet169": BackbonePreset("densenet169", 1664, True, 24, 2, 3.5e-4, note="in the final ensemble"),
     "efficientnet_lite0": BackbonePreset(
-        "efficientnet_lite0",
+        "tf_efficientnet_lite0",
         1280,
         True,
         32,
         2,
         3.5e-4,
         packaged_weights=True,
-        note="not in the paper: the offline default for the category router (packaged ImageNet weights)",
+        note=(
+            "not in the paper: the offline default (packaged ImageNet weights). The package's checkpoint "
+            "is a TensorFlow conversion, so it lives in timm's tf_ variant (TF 'same' padding, BatchNorm "
+            "eps 1e-3) and expects inputs scaled by mean = std = 0.5, which that variant's pretrained "
+            "config states: in plain efficientnet_lite0 with ImageNet statistics it classifies real "
+            "photos worse (tests/test_backbones.py measures both)"
+        ),
     ),
 }
 
 Pretrained = bool | Literal["package"]
+PACKAGED_LITE0 = BACKBONE_PRESETS["efficientnet_lite0"].timm_name
+
+
+def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the backbone's pretrained weights expect, from timm's pretrained config: the one
+    source for training, extraction and the router (a TF-converted network wants 0.5/0.5, not ImageNet's)."""
+    config = timm.models.get_pretrained_cfg(timm_name_for(name))
+    if config is None:
+        raise ValueError(f"timm has no pretrained config for {name!r}; cannot tell its input normalisation")
+    return tuple(float(v) for v in config.mean), tuple(float(v) for v in config.std)
 
 
 class FeatureMapBackbone(nn.Module):
@@ -171,7 +187,7 @@ def packaged_lite0_checkpoint() -> Path:
 
 
 def load_packaged_lite0_weights(model: nn.Module) -> None:
-    """Load the packaged checkpoint into a timm efficientnet_lite0, with or without its classifier.
+    """Load the packaged checkpoint into a timm tf_efficientnet_lite0, with or without its classifier.
 
     The package uses another implementation's names (``_blocks.0._depthwise_conv`` ...), but its
     tensors come in the same order as timm's state dict, so they are paired by position; every
@@ -184,14 +200,15 @@ def load_packaged_lite0_weights(model: nn.Module) -> None:
         source = {key: tensor for key, tensor in source.items() if not key.startswith("_fc.")}
     if len(source) != len(target):
         raise WeightsUnavailableError(
-            f"{path}: {len(source)} tensors for a model with {len(target)}; is the model efficientnet_lite0?"
+            f"{path}: {len(source)} tensors for a model with {len(target)}; "
+            "is the model tf_efficientnet_lite0?"
         )
     mapped = {}
     for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
             raise WeightsUnavailableError(
                 f"{path}: {source_key} has shape {tuple(tensor.shape)} but its counterpart {target_key} "
-                f"has {tuple(expected.shape)}; is the model efficientnet_lite0?"
+                f"has {tuple(expected.shape)}; is the model tf_efficientnet_lite0?"
             )
         mapped[target_key] = tensor
     model.load_state_dict(mapped, strict=True)
@@ -250,7 +267,7 @@ def create_backbone(
     if pretrained and pretrained_file is not None:
         raise ValueError("give either pretrained or pretrained_file, not both")
     if pretrained == "package":
-        if timm_name != "efficientnet_lite0":
+        if timm_name != PACKAGED_LITE0:
             raise ValueError(f"packaged weights exist only for efficientnet_lite0, not {name!r}")
         model = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="")
         load_packaged_lite0_weights(model)

@@ -4,6 +4,12 @@ Training returns one logit tensor per part (the loss is the sum of their cross-e
 BN'd part features (for an optional triplet term). Evaluation returns the retrieval feature: each
 part feature L2-normalised, concatenated and scaled by 1/sqrt(P), a unit vector whose dot
 products are the mean of the per-part cosines.
+
+Two heads: ``reduction`` is the paper's (1x1 conv + BN + classifier per part); ``identity`` keeps the
+pooled backbone channels of each part as they are, so an untrained pretrained backbone is a complete
+retrieval model: the frozen reference every trained model is measured against (``train --epochs 0``).
+Either head may carry a per-part whitening learned on the training images (``model.whitening``),
+applied to the L2-normalised part features at evaluation.
 """
 
 from __future__ import annotations
@@ -11,13 +17,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jdfashion.model.backbones import Pretrained, create_backbone
+from jdfashion.model.backbones import Pretrained, create_backbone, input_normalization
 from jdfashion.model.partition import POOLING_MODES, PartPooling, resolve_branches
 
 
@@ -32,8 +38,19 @@ class MGPAConfig:
     gem_p: float = 3.0
     last_stride_one: bool = True
     num_classes: int = 0  # 0: no classifiers (feature extraction only)
+    head: Literal["reduction", "identity"] = "reduction"
+    whiten_dim: int = 0  # > 0: per-part whitening buffers projecting each part to this size
+    # The input normalisation the backbone's weights expect; empty: timm's pretrained config for it.
+    input_mean: tuple[float, ...] = ()
+    input_std: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.head not in ("reduction", "identity"):
+            raise ValueError(f"head: unknown head {self.head!r}, expected 'reduction' or 'identity'")
+        if self.head == "identity" and self.num_classes:
+            raise ValueError("head: the identity head has no classifiers; num_classes must be 0")
+        if self.whiten_dim < 0:
+            raise ValueError(f"whiten_dim: must be >= 0, got {self.whiten_dim}")
         resolve_branches(self.branches)
         if self.pooling not in POOLING_MODES:
             raise ValueError(
@@ -55,7 +72,16 @@ class MGPAConfig:
             raise ValueError(
                 f"model config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
-        return cls(**data)
+        values = dict(data)
+        for key in ("input_mean", "input_std"):
+            values[key] = tuple(values.get(key, ()))
+        return cls(**values)
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.input_mean and self.input_std:
+            return self.input_mean, self.input_std
+        return input_normalization(self.backbone)
 
 
 class MGPAOutput(NamedTuple):
@@ -95,13 +121,44 @@ class MGPAHead(nn.Module):
         return parts, logits
 
 
+class IdentityHead(nn.Module):
+    """The pooled backbone channels are the part features: nothing trained between backbone and search."""
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = pooled.transpose(1, 2)
+        return parts, parts.new_zeros(parts.shape[0], parts.shape[1], 0)
+
+
+class PartWhitening(nn.Module):
+    """Per part: L2-normalise, subtract the training mean, project (B, P, D) -> (B, P, whiten_dim)."""
+
+    def __init__(self, num_parts: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_parts, in_dim))
+        self.register_buffer("projection", torch.eye(in_dim, out_dim).repeat(num_parts, 1, 1))
+
+    def forward(self, parts: torch.Tensor) -> torch.Tensor:
+        centred = F.normalize(parts.float(), dim=-1) - self.mean
+        return torch.einsum("bpd,pde->bpe", centred, self.projection)
+
+
 class MGPA(nn.Module):
     def __init__(self, config: MGPAConfig, backbone: nn.Module, channels: int) -> None:
         super().__init__()
         self.config = config
         self.backbone = backbone
         self.pooling = PartPooling(resolve_branches(config.branches), config.pooling, config.gem_p)
-        self.head = MGPAHead(channels, self.pooling.num_parts, config.reduction_dim, config.num_classes)
+        self.head: nn.Module = (
+            IdentityHead()
+            if config.head == "identity"
+            else MGPAHead(channels, self.pooling.num_parts, config.reduction_dim, config.num_classes)
+        )
+        self.part_dim = channels if config.head == "identity" else config.reduction_dim
+        self.whitening = (
+            PartWhitening(self.pooling.num_parts, self.part_dim, config.whiten_dim)
+            if config.whiten_dim
+            else None
+        )
 
     @property
     def num_parts(self) -> int:
@@ -109,16 +166,22 @@ class MGPA(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return self.num_parts * self.config.reduction_dim
+        return self.num_parts * (self.config.whiten_dim or self.part_dim)
 
     def parts_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.pooling(self.backbone(images)))
+
+    def part_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) part features before whitening: what the whitening is learned from."""
+        return self.parts_and_logits(images)[0]
 
     def forward(self, images: torch.Tensor) -> MGPAOutput | torch.Tensor:
         """Training: ``MGPAOutput``. Evaluation: the (B, P*D) unit retrieval feature."""
         parts, logits = self.parts_and_logits(images)
         if self.training:
             return MGPAOutput(list(logits.unbind(dim=1)) if self.config.num_classes else [], parts)
+        if self.whitening is not None:
+            parts = self.whitening(parts)
         return embed_parts(parts)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:

@@ -140,20 +140,29 @@ class PartPooling(nn.Module):
         return sum(self.parts_per_branch)
 
     def layout(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(branches, H*W) global part index of each cell, and the (H*W, P) cell-averaging matrix."""
+        """(branches, H*W) global part index of each cell, and the (H*W, P) cell-averaging matrix.
+
+        Built outside inference mode: the cache is shared by validation (inference mode) and training
+        (autograd), and an inference tensor cannot take part in a graph."""
         key = (height, width, device)
         if key not in self._layouts:
-            offsets = [0, *torch.tensor(self.parts_per_branch).cumsum(0).tolist()[:-1]]
-            labels = torch.stack(
-                [
-                    part_labels(branch, height, width).flatten() + offset
-                    for branch, offset in zip(self.branches, offsets, strict=True)
-                ]
-            )
-            membership = F.one_hot(labels, self.num_parts).sum(dim=0).float()
-            averaging = membership / membership.sum(dim=0, keepdim=True)
-            self._layouts[key] = (labels.to(device), averaging.to(device))
+            with torch.inference_mode(False):
+                self._layouts[key] = self._build_layout(height, width, device)
         return self._layouts[key]
+
+    def _build_layout(
+        self, height: int, width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = [0, *torch.tensor(self.parts_per_branch).cumsum(0).tolist()[:-1]]
+        labels = torch.stack(
+            [
+                part_labels(branch, height, width).flatten() + offset
+                for branch, offset in zip(self.branches, offsets, strict=True)
+            ]
+        )
+        membership = F.one_hot(labels, self.num_parts).sum(dim=0).float()
+        averaging = membership / membership.sum(dim=0, keepdim=True)
+        return labels.to(device), averaging.to(device)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim != 4:

@@ -1,0 +1,122 @@
+"""The Grocery Store protocol's data: manifest -> official layout -> validation split (docs/REALDATA.md).
+
+Validation identities are packaged products (classes 28-42), because the test is packaged products
+(43-58): what is chosen on validation (the best epoch, the WiSE-FT mix, fusion weights) should be
+chosen on images that resemble the test, not on fruit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jdfashion.data.jdformat import (
+    read_images,
+    read_pairs,
+    read_truth,
+    write_images,
+    write_pairs,
+    write_truth,
+)
+from jdfashion.data.manifest import GROCERY_CATEGORY, grocery_iconic_images, grocery_manifest, import_manifest
+from jdfashion.data.split import Identity, make_split
+from jdfashion.paths import DataLayout
+
+# Packaged products the training side owns; validation draws from these.
+GROCERY_VAL_POOL = tuple(range(28, 43))
+# A third of the 15 packages (5) validate; 60 identities (50 produce + 10 packages) remain to train.
+VAL_FRACTION = 1 / 3
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The sizes of what was built, so the report states the split it was computed on."""
+
+    data_root: str
+    train_identities: int
+    val_identities: int
+    val_queries: int
+    val_gallery: int
+    test_identities: int
+    test_queries: int
+    test_gallery: int
+    test_distractors: int
+    train_images: int = 0
+    val_classes: tuple[str, ...] = ()
+
+
+def build_protocol(
+    dataset: Path,
+    data_root: Path,
+    max_queries: int | None = None,
+    max_train_photos: int | None = None,
+) -> Protocol:
+    """Manifest -> official layout -> validation split; the validation gallery is all 81 iconic images,
+    as the test gallery is, so tuning sees the same distractors the test does. ``max_queries`` and
+    ``max_train_photos`` (per identity) thin the lists for tests and the CI smoke run."""
+    manifest = data_root / "grocery-manifest.csv"
+    grocery_manifest(dataset, manifest)
+    summary = import_manifest(manifest, data_root)
+    layout = DataLayout(data_root)
+    if max_queries is not None:
+        _thin_queries(layout.queries, layout.truth, max_queries)
+    pool_suffixes = tuple(
+        "/" + path.relative_to(Path(dataset).absolute()).as_posix()
+        for class_id, (_, path) in grocery_iconic_images(Path(dataset).absolute()).items()
+        if class_id in GROCERY_VAL_POOL
+    )
+
+    def is_package(identity: Identity) -> bool:
+        return any(ref.url.endswith(pool_suffixes) for ref in identity.shops)
+
+    split = make_split(
+        layout.pairs,
+        layout,
+        val_fraction=VAL_FRACTION,
+        distractor_fraction=0.0,
+        seed=SPLIT_SEED,
+        extra_distractors=read_images(layout.gallery),
+        val_pool=is_package,
+    )
+    if max_queries is not None:
+        _thin_queries(layout.val_queries(GROCERY_CATEGORY), layout.val_truth(GROCERY_CATEGORY), max_queries)
+    if max_train_photos is not None:
+        _thin_training(layout, max_train_photos)
+    (val,) = [row for row in split.categories if row.category == GROCERY_CATEGORY]
+    truth = read_truth(layout.val_truth(GROCERY_CATEGORY))
+    train_pairs = read_pairs(layout.train_pairs)
+    return Protocol(
+        data_root=str(data_root),
+        train_identities=val.train_identities,
+        val_identities=val.val_identities,
+        val_queries=len(read_images(layout.val_queries(GROCERY_CATEGORY))),
+        val_gallery=val.gallery,
+        test_identities=summary.test_identities,
+        test_queries=len(read_images(layout.queries)),
+        test_gallery=summary.gallery,
+        test_distractors=summary.distractors,
+        train_images=len({ref.url for pair in train_pairs for ref in (pair.consumer, pair.shop)}),
+        val_classes=tuple(sorted({Path(url).parent.name for urls in truth.values() for url in urls})),
+    )
+
+
+def _thin_queries(queries_path: Path, truth_path: Path, max_queries: int) -> None:
+    """Keep ``max_queries`` evenly spaced queries (every identity stays represented) for micro runs."""
+    queries = read_images(queries_path)
+    if len(queries) <= max_queries:
+        return
+    kept = [queries[round(i * len(queries) / max_queries)] for i in range(max_queries)]
+    truth = read_truth(truth_path)
+    write_images(queries_path, kept)
+    write_truth(truth_path, {ref.url: truth[ref.url] for ref in kept})
+
+
+def _thin_training(layout: DataLayout, per_identity: int) -> None:
+    """Keep the first ``per_identity`` consumer photos of each shop image in the training list."""
+    kept, counts = [], {}
+    for pair in read_pairs(layout.train_pairs):
+        counts[pair.shop.url] = counts.get(pair.shop.url, 0) + 1
+        if counts[pair.shop.url] <= per_identity:
+            kept.append(pair)
+    write_pairs(layout.train_pairs, kept)

@@ -1,0 +1,494 @@
+"""The rows of the Grocery Store table: what each pipeline is, and how it is trained, extracted and scored.
+
+A row is a ``RowSpec``: the colour histogram, one model (a backbone, a branch set, a recipe: ``frozen``
+= ``train --epochs 0``, the untouched pretrained network; ``tuned`` = the ``finetune`` recipe), or a
+fusion of other rows' models with weights tuned on validation. Every model goes through the
+toolkit's own ``train`` -> feature cache -> exact search -> ``metrics.evaluate``, as a user's would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from jdfashion.atomic import atomic_write_text
+from jdfashion.baseline import color_histogram_features
+from jdfashion.config import TrainConfig, recipe_config
+from jdfashion.data.jdformat import ImageRef, read_images, read_truth
+from jdfashion.data.loader import ItemDataset, PKBatchSampler, collate, train_transform
+from jdfashion.data.manifest import GROCERY_CATEGORY
+from jdfashion.features import FeatureSet
+from jdfashion.fusion import tune_weights
+from jdfashion.losses import mgpa_losses
+from jdfashion.metrics import Scores, evaluate
+from jdfashion.model.mgpa import create_model
+from jdfashion.paths import MODEL_CONFIG, MODEL_WEIGHTS, RESUME_CHECKPOINT, DataLayout, WeightsLayout
+from jdfashion.pipeline import (
+    TOP_K,
+    RetrievalOptions,
+    Workspace,
+    extract_validation,
+    ranked_lists,
+    validation_set,
+)
+from jdfashion.realdata.table import RowResult, StepTimes
+from jdfashion.search import topk
+from jdfashion.train import build_optimizer, load_training_data, model_config_for, resolved, train
+
+RowKind = Literal["histogram", "model", "fused"]
+Recipe = Literal["frozen", "tuned"]
+BACKBONE = "efficientnet_lite0"  # the one backbone with ImageNet weights on this machine
+SHORT = "lite0"
+BRANCH_ROWS = ("global", "horizontal", "vertical", "annular", "all")
+WHITENED_FROZEN = ("global", "horizontal", "all")
+TUNED_BRANCHES = ("global", "horizontal", "all")
+# Trained rows whose spread over seeds the table reports; frozen rows are deterministic (one run).
+MULTI_SEED_BRANCHES = ("global", "all")
+FUSED_MEMBERS = ("lite0-frozen-horizontal-white", "lite0-frozen-global-white", "lite0-tuned-all")
+
+# 224 px (Lite0's pretraining size): 14x14 maps with the last stride removed, so every 3-way part has
+# 4-5 rows; the smoke run's 128 px still gives 8x8.
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_EPOCHS = 2  # the finetune recipe's head-only epoch, then one epoch of the whole network
+SMOKE_EPOCHS = 2
+SMOKE_IMAGE_SIZE = 128
+SMOKE_TRAIN_PHOTOS = 12  # consumer photos per training identity in the smoke run
+SMOKE_ROWS = ("histogram", "lite0-frozen-global", "lite0-frozen-horizontal-white", "lite0-tuned-all", "fused")
+# Every map side must hold 8 cells (stride 16 with the last stride removed): the 3-way cuts and the
+# annular rings are then real regions, not single cells or L-shapes.
+MIN_IMAGE_SIZE = 128
+IDENTITIES_PER_BATCH = 16
+IMAGES_PER_IDENTITY = 4
+# Loading is a few per cent of a step here, and in-process loading leaves both cores to the model.
+LOADER_WORKERS = 0
+TIMING_FILE = "timing.json"
+SEED_COST_FILE = "seed-cost.json"
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    name: str
+    kind: RowKind
+    backbone: str = ""
+    branches: str = ""
+    recipe: Recipe = "frozen"
+    whitening: Literal["none", "supervised"] = "none"
+    members: tuple[str, ...] = ()
+
+    @property
+    def multi_seed(self) -> bool:
+        return self.kind == "fused" or (self.recipe == "tuned" and self.branches in MULTI_SEED_BRANCHES)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "histogram":
+            return "-"
+        if self.kind == "fused":
+            return "fused: " + " + ".join(self.members)
+        return self.recipe + (" + whitening" if self.whitening != "none" or self.recipe == "tuned" else "")
+
+
+def _row_specs() -> dict[str, RowSpec]:
+    specs = [RowSpec("histogram", "histogram")]
+    specs += [RowSpec(f"{SHORT}-frozen-{b}", "model", BACKBONE, b) for b in BRANCH_ROWS]
+    specs += [
+        RowSpec(f"{SHORT}-frozen-{b}-white", "model", BACKBONE, b, whitening="supervised")
+        for b in WHITENED_FROZEN
+    ]
+    specs += [RowSpec(f"{SHORT}-tuned-{b}", "model", BACKBONE, b, recipe="tuned") for b in TUNED_BRANCHES]
+    specs.append(RowSpec("fused", "fused", BACKBONE, "", members=FUSED_MEMBERS))
+    return {spec.name: spec for spec in specs}
+
+
+ROWS = _row_specs()
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    out: Path
+    seeds: tuple[int, ...]
+    epochs: int | None
+    image_size: int | None
+    smoke: bool
+    options: RetrievalOptions
+
+    def epochs_for(self, spec: RowSpec) -> int:
+        if spec.recipe == "frozen":
+            return 0
+        return self.epochs or (SMOKE_EPOCHS if self.smoke else DEFAULT_EPOCHS)
+
+    @property
+    def size(self) -> int:
+        return self.image_size or (SMOKE_IMAGE_SIZE if self.smoke else DEFAULT_IMAGE_SIZE)
+
+    def seeds_for(self, spec: RowSpec) -> tuple[int, ...]:
+        return self.seeds if spec.multi_seed else self.seeds[:1]
+
+    def weights_root(self, spec_name: str, seed: int) -> Path:
+        return self.out / "weights" / spec_name / f"seed{seed}"
+
+
+def train_config(spec: RowSpec, seed: int, epochs: int, image_size: int) -> TrainConfig:
+    """One row's training run. Frozen rows: ``epochs=0`` (the reference). Tuned rows: the ``finetune``
+    recipe, shipped as the default for pretrained backbones."""
+    fields = {
+        "backbone": spec.backbone,
+        "category": GROCERY_CATEGORY.label,
+        "branches": spec.branches,
+        "image_size": image_size,
+        "epochs": epochs,
+        "decay_epochs": (max(1, round(epochs * 2 / 3)),),
+        "identities_per_batch": IDENTITIES_PER_BATCH,
+        "images_per_identity": IMAGES_PER_IDENTITY,
+        "pretrained": "package",
+        "seed": seed,
+        "num_workers": LOADER_WORKERS,
+    }
+    if spec.recipe == "frozen":
+        return TrainConfig(**fields, whitening=spec.whitening)
+    return recipe_config("finetune", **fields)
+
+
+def trained_model(
+    spec: RowSpec, seed: int, settings: RunSettings, console: Console
+) -> tuple[Workspace, bool]:
+    """The workspace of the row's model for ``seed`` and whether it was trained now (else reused: an
+    identical finished run was on disk). Training cost is kept beside the weights, so a reused model
+    still reports what it took."""
+    config = resolved(train_config(spec, seed, settings.epochs_for(spec), settings.size))
+    weights_root = settings.weights_root(spec.name, seed)
+    model_dir = WeightsLayout(weights_root).model_dir(GROCERY_CATEGORY, spec.backbone)
+    data_root = settings.out / "data"
+    reuse = _finished(model_dir, config)
+    if reuse:
+        console.print(f"[dim]{spec.name} seed {seed}: reusing {model_dir}")
+    else:
+        console.print(f"{spec.name} seed {seed}: {config.epochs} epochs at {config.image_size} px")
+        with clock() as spent:
+            train(config, data_root, weights_root, show_progress=settings.options.show_progress)
+        atomic_write_text(model_dir / TIMING_FILE, json.dumps(spent))
+        # Resume state of a finished run: 0.1-0.3 GB per model that nothing here reads again.
+        (model_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
+    return Workspace.at(data_root, weights_root, device="cpu"), not reuse
+
+
+@contextmanager
+def clock() -> Iterator[dict[str, float]]:
+    """CPU seconds of this process and its reaped children, and wall seconds, of the enclosed work."""
+    spent: dict[str, float] = {}
+    before, started = os.times(), time.perf_counter()
+    try:
+        yield spent
+    finally:
+        after = os.times()
+        spent["cpu"] = sum(getattr(after, n) - getattr(before, n) for n in _CPU_FIELDS)
+        spent["wall"] = time.perf_counter() - started
+
+
+_CPU_FIELDS = ("user", "system", "children_user", "children_system")
+
+
+def _finished(model_dir: Path, config: TrainConfig) -> bool:
+    if not (model_dir / MODEL_WEIGHTS).exists() or not (model_dir / TIMING_FILE).exists():
+        return False
+    saved = json.loads((model_dir / MODEL_CONFIG).read_text())["train"]
+    return saved == json.loads(json.dumps(config.to_dict()))
+
+
+def _training_cost(workspace: Workspace, backbone: str) -> dict[str, float]:
+    return json.loads((workspace.weights.model_dir(GROCERY_CATEGORY, backbone) / TIMING_FILE).read_text())
+
+
+def _test_sets(layout: DataLayout) -> tuple[list[ImageRef], list[ImageRef], dict[str, list[str]]]:
+    return read_images(layout.queries), read_images(layout.gallery), read_truth(layout.truth)
+
+
+def _score_both(run: dict[str, list[str]], truth: dict[str, list[str]]) -> tuple[Scores, Scores]:
+    """Scores of whole-gallery rankings on the protocol gallery and on the 16 test iconic images alone
+    (dropping the other ids from a ranking is exactly ranking the smaller gallery)."""
+    matches = {url for urls in truth.values() for url in urls}
+    protocol = evaluate({query: ranked[:TOP_K] for query, ranked in run.items()}, truth)
+    test_only = evaluate(
+        {query: [url for url in ranked if url in matches][:TOP_K] for query, ranked in run.items()}, truth
+    )
+    return protocol, test_only
+
+
+def _rank_and_score(
+    sets: dict[str, tuple[FeatureSet, FeatureSet]],
+    weights: dict[str, float],
+    truth: dict[str, list[str]],
+    options: RetrievalOptions,
+) -> tuple[Scores, Scores]:
+    """Fused whole-gallery rankings (every gallery id, so the 16-image view can be cut from them), scored."""
+    queries = {name: pair[0] for name, pair in sets.items()}
+    gallery = {name: pair[1] for name, pair in sets.items()}
+    size = len(next(iter(gallery.values())))
+    return _score_both(ranked_lists(queries, gallery, weights, options, k=size), truth)
+
+
+def histogram_row(spec: RowSpec, settings: RunSettings) -> RowResult:
+    layout = DataLayout(settings.out / "data")
+    queries, gallery, truth = _test_sets(layout)
+    with clock() as spent:
+        query_features = color_histogram_features(queries, layout.images, workers=2).features
+        gallery_features = color_histogram_features(gallery, layout.images, workers=2).features
+        _, indices = topk(torch.from_numpy(query_features), torch.from_numpy(gallery_features), len(gallery))
+        gallery_ids = [ref.url for ref in gallery]
+        run = {
+            ref.url: [gallery_ids[i] for i in row] for ref, row in zip(queries, indices.tolist(), strict=True)
+        }
+        scores, test_only = _score_both(run, truth)
+    return _result(
+        spec,
+        (),
+        [(scores, test_only)],
+        spent["cpu"],
+        spent["wall"],
+        (len(queries), len(gallery)),
+        "HSV 8x8x8 colour histogram, no training",
+    )
+
+
+def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResult:
+    layout = DataLayout(settings.out / "data")
+    queries, gallery, truth = _test_sets(layout)
+    per_seed: list[tuple[Scores, Scores]] = []
+    cpu = wall = 0.0
+    selections = []
+    for seed in settings.seeds_for(spec):
+        with clock() as spent:
+            workspace, trained_now = trained_model(spec, seed, settings, console)
+            sets = _test_features(workspace, spec.backbone, queries, gallery, settings.options)
+            per_seed.append(
+                _rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, settings.options)
+            )
+        cost = _seed_cost(workspace, spec.backbone, spent, trained_now)
+        cpu, wall = cpu + cost["cpu"], wall + cost["wall"]
+        selections.append(f"seed {seed}: {_selection_text(workspace, spec.backbone)}")
+        console.print(f"{spec.name} seed {seed}: {_scores_text(*per_seed[-1])}")
+    return _result(
+        spec,
+        settings.seeds_for(spec),
+        per_seed,
+        cpu,
+        wall,
+        (len(queries), len(gallery)),
+        "; ".join(selections),
+        epochs=settings.epochs_for(spec),
+        image_size=settings.size,
+    )
+
+
+def _selection_text(workspace: Workspace, backbone: str) -> str:
+    """What validation chose for this model: its epoch-0 and kept scores, WiSE-FT mix, whitening."""
+    from jdfashion.paths import MODEL_METRICS
+
+    metrics = json.loads(
+        (workspace.weights.model_dir(GROCERY_CATEGORY, backbone) / MODEL_METRICS).read_text()
+    )
+    parts = []
+    start = next((row for row in metrics if row.get("epoch") == 0 and "stage" not in row), None)
+    if start and "val_map" in start:
+        parts.append(f"val mAP@10 at epoch 0 {start['val_map']:.3f}")
+    for row in metrics:
+        if row.get("stage") == "selected" and row["epoch"]:
+            parts.append(f"kept epoch {row['epoch']} ({row['val_map']:.3f})")
+        elif row.get("stage") == "selected":
+            parts.append("kept epoch 0")
+        elif row.get("stage") == "wise_selected":
+            parts.append(f"WiSE-FT alpha {row['alpha']} ({row['val_map']:.3f})")
+        elif row.get("stage") == "whitening":
+            parts.append(f"whitened {row.get('val_map', float('nan')):.3f}")
+    return ", ".join(parts)
+
+
+def _seed_cost(
+    workspace: Workspace, backbone: str, spent: dict[str, float], trained_now: bool
+) -> dict[str, float]:
+    """What one seed of a row cost from scratch (training + test extraction). Measured when the model
+    was trained in this call; else the record of the call that trained it, as the features may now
+    come from the cache; without a record, the model's training time plus this call's work."""
+    path = workspace.weights.root / SEED_COST_FILE
+    if path.exists() and not trained_now:
+        return json.loads(path.read_text())
+    training = {"cpu": 0.0, "wall": 0.0} if trained_now else _training_cost(workspace, backbone)
+    cost = {key: spent[key] + training[key] for key in ("cpu", "wall")}
+    atomic_write_text(path, json.dumps(cost))
+    return cost
+
+
+def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResult:
+    """Per seed, the member rows' models, weighted by validation mAP@10 (``fusion.tune_weights``), on
+    the test. Frozen members are legitimate: they are what the trained members must add to."""
+    layout = DataLayout(settings.out / "data")
+    queries, gallery, truth = _test_sets(layout)
+    per_seed: list[tuple[Scores, Scores]] = []
+    cpu = wall = 0.0
+    chosen = []
+    for seed in settings.seeds_for(spec):
+        workspaces = {}
+        for member in spec.members:
+            member_spec = ROWS[member]
+            member_seed = seed if member_spec.multi_seed else settings.seeds[0]
+            workspaces[member] = (
+                trained_model(member_spec, member_seed, settings, console)[0],
+                member_spec.backbone,
+            )
+        with clock() as spent:
+            first = next(iter(workspaces.values()))[0]
+            val = validation_set(first, GROCERY_CATEGORY)
+            val_sets = {
+                m: extract_validation(w, b, GROCERY_CATEGORY, settings.options)
+                for m, (w, b) in workspaces.items()
+            }
+            tuned = tune_weights(
+                {m: s[0].features for m, s in val_sets.items()},
+                {m: s[1].features for m, s in val_sets.items()},
+                [r.url for r in val.queries],
+                [r.url for r in val.gallery],
+                val.truth,
+            )
+            test_sets = {
+                m: _test_features(w, b, queries, gallery, settings.options)
+                for m, (w, b) in workspaces.items()
+            }
+            per_seed.append(_rank_and_score(test_sets, tuned.weights, truth, settings.options))
+        cpu, wall = cpu + spent["cpu"], wall + spent["wall"]
+        weights = ", ".join(f"{m} {w:.2f}" for m, w in sorted(tuned.weights.items()))
+        alone = ", ".join(f"{m} {v:.3f}" for m, (v, _) in sorted(tuned.per_model.items()))
+        chosen.append(f"seed {seed}: {weights} (val mAP@10 fused {tuned.fused_map:.3f}; alone {alone})")
+        console.print(f"fused seed {seed}: {weights}; {_scores_text(*per_seed[-1])}")
+    note = "weights tuned on validation; seconds exclude training the members (their rows); "
+    return _result(
+        spec,
+        settings.seeds_for(spec),
+        per_seed,
+        cpu,
+        wall,
+        (len(queries), len(gallery)),
+        note + "; ".join(chosen),
+    )
+
+
+def _scores_text(protocol: Scores, test_only: Scores) -> str:
+    return (
+        f"rank-1 {protocol.overall.rank1:.3f} mAP@10 {protocol.overall.map:.3f} "
+        f"(16 only: {test_only.overall.rank1:.3f} / {test_only.overall.map:.3f})"
+    )
+
+
+def _result(
+    spec: RowSpec,
+    seeds: tuple[int, ...],
+    per_seed: list[tuple[Scores, Scores]],
+    cpu: float,
+    wall: float,
+    sizes: tuple[int, int],
+    note: str,
+    epochs: int | str = "-",
+    image_size: int | None = None,
+) -> RowResult:
+    return RowResult(
+        name=spec.name,
+        backbone=spec.backbone,
+        branches=spec.branches,
+        recipe=spec.label,
+        seeds=seeds,
+        epochs=epochs,
+        image_size=image_size,
+        rank1=tuple(protocol.overall.rank1 for protocol, _ in per_seed),
+        map10=tuple(protocol.overall.map for protocol, _ in per_seed),
+        cpu_seconds=cpu,
+        wall_seconds=wall,
+        queries=sizes[0],
+        gallery=sizes[1],
+        note=note,
+        rank1_test_only=tuple(test_only.overall.rank1 for _, test_only in per_seed),
+        map10_test_only=tuple(test_only.overall.map for _, test_only in per_seed),
+    )
+
+
+def _test_features(
+    workspace: Workspace,
+    backbone: str,
+    queries: list[ImageRef],
+    gallery: list[ImageRef],
+    options: RetrievalOptions,
+) -> tuple[FeatureSet, FeatureSet]:
+    return (
+        workspace.features(GROCERY_CATEGORY, backbone, queries, options, f"{backbone} test queries"),
+        workspace.features(GROCERY_CATEGORY, backbone, gallery, options, f"{backbone} test gallery"),
+    )
+
+
+def measure_step_times(config: TrainConfig, data_root: Path, batches: int = 4, row: str = "") -> StepTimes:
+    """Time data loading, forward and backward of ``batches`` training batches one stage at a time.
+
+    Stages run back to back without the DataLoader's overlap (loading in this process), so each share
+    is the stage's own cost; the first batch warms up allocators and is not counted.
+    """
+    config = resolved(config)
+    layout = DataLayout(Path(data_root))
+    data = load_training_data(layout, config)
+    torch.manual_seed(config.seed)
+    model_config = model_config_for(config, len(data.identities))
+    model = create_model(model_config, pretrained=config.pretrained_weights)
+    optimizer = build_optimizer(model, config)
+    sampler = PKBatchSampler(
+        data.groups, config.identities_per_batch, config.images_per_identity, config.seed
+    )
+    transform = train_transform(config.image_size, *model_config.normalization, augment=config.augment)
+    dataset = ItemDataset(data.samples, layout.images, transform)
+    model.train()
+    totals = {"data": 0.0, "forward": 0.0, "backward": 0.0}
+    epoch = 0
+    for step in range(batches + 1):
+        if step % len(sampler) == 0:
+            sampler.set_epoch(epoch)
+            epoch += 1
+            loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate))
+        timings = _time_step(model, optimizer, loader, config)
+        if step:
+            for stage, seconds in timings.items():
+                totals[stage] += seconds
+    return StepTimes(
+        row or f"{config.backbone} {config.branches}",
+        config.image_size,
+        config.identities_per_batch * config.images_per_identity,
+        batches,
+        totals["data"] / batches,
+        totals["forward"] / batches,
+        totals["backward"] / batches,
+    )
+
+
+def _time_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterator[dict[str, torch.Tensor]],
+    config: TrainConfig,
+) -> dict[str, float]:
+    marks = [time.perf_counter()]
+    batch = next(loader)
+    marks.append(time.perf_counter())
+    loss = mgpa_losses(model(batch["images"]), batch["labels"], config)["loss"]
+    marks.append(time.perf_counter())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    marks.append(time.perf_counter())
+    return dict(
+        zip(("data", "forward", "backward"), (b - a for a, b in itertools.pairwise(marks)), strict=True)
+    )

@@ -1,0 +1,157 @@
+"""The results table of the Grocery Store protocol: one row per pipeline, mean ± sd over seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from jdfashion.realdata.protocol import Protocol
+
+
+@dataclass(frozen=True)
+class RowResult:
+    name: str
+    backbone: str
+    branches: str
+    recipe: str  # "frozen" / "tuned", plus "+ whitening"; "-" for rows without a model
+    seeds: tuple[int, ...]
+    epochs: int | str  # "-" for rows that train nothing
+    image_size: int | None
+    rank1: tuple[float, ...]  # one per seed
+    map10: tuple[float, ...]
+    cpu_seconds: float
+    wall_seconds: float
+    queries: int
+    gallery: int
+    note: str = ""
+    # The same rankings restricted to the 16 test iconic images: the issue's orientation gallery, and
+    # the diagnostic that tells "cannot tell the products apart" from "pulled to distractors".
+    rank1_test_only: tuple[float, ...] = ()
+    map10_test_only: tuple[float, ...] = ()
+
+    @staticmethod
+    def spread(values: Sequence[float]) -> tuple[float, float]:
+        """(mean, sample standard deviation); the deviation is 0 for one seed."""
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RowResult:
+        values = dict(data)
+        for name in ("seeds", "rank1", "map10", "rank1_test_only", "map10_test_only"):
+            if name in values:  # results written before a field existed leave it at its default
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds per training batch, measured separately (no overlap) on one representative row."""
+
+    row: str
+    image_size: int
+    batch_size: int
+    batches: int
+    data_loading: float
+    forward: float
+    backward_and_step: float
+
+    @property
+    def total(self) -> float:
+        return self.data_loading + self.forward + self.backward_and_step
+
+
+@dataclass
+class RealDataReport:
+    protocol: Protocol
+    rows: list[RowResult]
+    settings: dict[str, Any]
+    step_times: StepTimes | None = None
+    machine: str = field(
+        default_factory=lambda: f"{platform.node()} ({os.cpu_count()} CPUs, torch {torch.__version__})"
+    )
+    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
+
+    def row(self, name: str) -> RowResult:
+        return next(row for row in self.rows if row.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": dataclasses.asdict(self.protocol),
+            "rows": [row.to_dict() for row in self.rows],
+            "settings": self.settings,
+            "step_times": dataclasses.asdict(self.step_times) if self.step_times else None,
+            "machine": self.machine,
+            "date": self.date,
+        }
+
+    def to_markdown(self) -> str:
+        p = self.protocol
+        lines = [
+            f"Grocery Store protocol, {self.date}, {self.machine}.",
+            f"Command: `{self.settings['command']}`",
+            "",
+            f"Test: {p.test_queries} queries of {p.test_identities} unseen products against {p.test_gallery} "
+            f"iconic images ({p.test_distractors} distractors; chance rank-1 {1 / p.test_gallery:.3f}). "
+            f"Validation (fusion tuning): {p.val_queries} queries of {p.val_identities} held-out training "
+            f"classes ({', '.join(p.val_classes)}) against {p.val_gallery} iconic images. "
+            f"Training: {p.train_identities} identities, {p.train_images} images.",
+            "",
+            "| row | backbone | branches | recipe | seeds | epochs | size | rank-1 | mAP@10 | rank-1 (16) "
+            "| mAP@10 (16) | CPU s | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in self.rows:
+            scores = (row.rank1, row.map10, row.rank1_test_only, row.map10_test_only)
+            lines.append(
+                f"| {row.name} | {row.backbone or '-'} | {row.branches or '-'} | {row.recipe} | "
+                f"{','.join(map(str, row.seeds)) or '-'} | {row.epochs} | {row.image_size or '-'} | "
+                + " | ".join(_mean_and_spread(values) for values in scores)
+                + f" | {row.cpu_seconds:.0f} | {row.wall_seconds:.0f} |"
+            )
+        lines += [
+            "",
+            f"rank-1, mAP@10: against the protocol's {p.test_gallery}-image gallery; (16): the same rankings "
+            "restricted to the 16 test iconic images. ± is the sample standard deviation over seeds. "
+            "CPU s includes reaped DataLoader workers. A model row's seconds are training plus test "
+            "extraction, summed over its seeds.",
+        ]
+        notes = [f"- {row.name}: {row.note}" for row in self.rows if row.note]
+        if notes:
+            lines += ["", "Notes:", *notes]
+        if self.step_times:
+            s = self.step_times
+            lines += [
+                "",
+                f"Where a training step's time goes ({s.row}, {s.batch_size} images at {s.image_size} px, "
+                f"mean of {s.batches} batches, each stage timed alone):",
+                "",
+                "| stage | s / batch | share |",
+                "|---|---|---|",
+                *(
+                    f"| {stage} | {seconds:.3f} | {seconds / s.total:.0%} |"
+                    for stage, seconds in (
+                        ("data loading (decode + augment, one process)", s.data_loading),
+                        ("forward + loss", s.forward),
+                        ("backward + optimiser step", s.backward_and_step),
+                    )
+                ),
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def _mean_and_spread(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = RowResult.spread(values)
+    return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
