@@ -55,10 +55,12 @@ def test_annular_rings_are_nested_central_rectangles(count: int) -> None:
             top, bottom, left, right = bounding_box(inside)
             # The union of rings 0..k fills its bounding box: a rectangle.
             assert inside[top:bottom, left:right].all() and inside.sum() == (bottom - top) * (right - left)
-            # It covers k/n of each side (to within rounding) and is centred (to within one cell).
-            assert abs((bottom - top) - (ring + 1) * height / count) <= 0.5
-            assert abs((right - left) - (ring + 1) * width / count) <= 0.5
-            assert abs(top - (height - bottom)) <= 1 and abs(left - (width - right)) <= 1
+            # It covers k/n of each side to within a cell, and is exactly concentric wherever the side
+            # is long enough for equal margins (>= 2n - 1 cells); else nested within half a cell.
+            assert abs((bottom - top) - (ring + 1) * height / count) <= 1
+            assert abs((right - left) - (ring + 1) * width / count) <= 1
+            assert top == height - bottom if height >= 2 * count - 1 else abs(top - (height - bottom)) <= 1
+            assert left == width - right if width >= 2 * count - 1 else abs(left - (width - right)) <= 1
             # Every ring holds at least one cell: each rectangle strictly contains the previous one.
             if previous is not None:
                 assert inside.sum() > previous.sum() and inside[previous].all()
@@ -114,9 +116,9 @@ def sliced_parts(x: torch.Tensor) -> list[torch.Tensor]:
     """Parts of global, horizontal-2, vertical-3, annular-2 on a 4x6 map, cut by hand: (B, C, cells) each."""
     flat = x.flatten(2)
     ring_mask = torch.ones(4, 6, dtype=torch.bool)
-    ring_mask[1:3, 1:4] = (
-        False  # inner rectangle: round(4/2)=2 rows from row 1, round(6/2)=3 columns from column 1
-    )
+    # Inner rectangle: 2 of 4 rows from row 1; 6/2 = 3 columns would leave margins 1.5, so the
+    # symmetric rounding takes 4 columns from column 1.
+    ring_mask[1:3, 1:5] = False
     return [
         flat,
         x[:, :, 0:2].flatten(2),
@@ -124,7 +126,7 @@ def sliced_parts(x: torch.Tensor) -> list[torch.Tensor]:
         x[:, :, :, 0:2].flatten(2),
         x[:, :, :, 2:4].flatten(2),
         x[:, :, :, 4:6].flatten(2),
-        x[:, :, 1:3, 1:4].flatten(2),
+        x[:, :, 1:3, 1:5].flatten(2),
         flat[:, :, ring_mask.flatten()],
     ]
 

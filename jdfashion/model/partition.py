@@ -6,17 +6,21 @@ rings around it). Every cell of the map belongs to exactly one part of each bran
 with at least N rows (horizontal), N columns (vertical) or both (annular), so one model serves any
 input size.
 
-Rounding rule (one for all branches): the k-th boundary of an N-way cut of a side of length L is
-``round_half_up(k * L / N)``. Bands are the cells between consecutive boundaries. Annular ring k
-(k = 1..N, 1 = innermost) is the central rectangle of ``round_half_up(k * H / N)`` rows and
-``round_half_up(k * W / N)`` columns minus the rectangle of ring k - 1; a rectangle of s cells in a
-side of L starts at ``(L - s) // 2`` (when L - s is odd it sits half a cell towards the top-left).
-Because L >= N makes consecutive sizes differ by at least one cell, the rectangles are strictly
-nested and every band and every ring holds at least one cell.
+Rounding rule for bands: the k-th boundary of an N-way cut of a side of length L is
+``round_half_up(k * L / N)``; bands are the cells between consecutive boundaries. Annular ring k
+(k = 1..N, 1 = innermost) is a central rectangle minus the rectangle of ring k - 1. Its side is
+rounded *symmetrically*: the size nearest ``k * L / N`` whose margin ``L - size`` is even (ties: the
+larger), so every rectangle is exactly concentric, on odd and even sides alike (3 rings on a
+9-cell side: 3, 7, 9; on a 14-cell side, 4.67 and 9.33 become 4 and 10: margins 5 and 2). A rectangle
+of s cells starts at ``(L - s) / 2``. Where a side is too short for equal margins with strictly
+nested rectangles (L < 2N - 1, e.g. 3 rings on 4 cells) the sizes fall back to
+``round_half_up(k * L / N)``, starting at ``(L - s) // 2``: nested, within half a cell of centred.
+Either way every band and every ring holds at least one cell for L >= N.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -76,9 +80,19 @@ def _band_index(length: int, count: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(count), sizes)
 
 
+def _centred_size(k: int, length: int, count: int) -> int:
+    """The size nearest k * length / count (ties: the larger) whose margin length - size is even."""
+    candidates = range(length % 2 or 2, length + 1, 2)  # same parity as length, >= 1
+    return min(candidates, key=lambda size: (abs(size * count - k * length), -size))
+
+
 def _ring_start_and_stop(length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per ring k (1..count), the first and one-past-last position of its central rectangle on a side."""
-    sizes = torch.tensor([_round_half_up_fraction(k * length, count) for k in range(1, count + 1)])
+    centred = [_centred_size(k, length, count) for k in range(1, count + 1)]
+    if all(inner < outer for inner, outer in itertools.pairwise(centred)):
+        sizes = torch.tensor(centred)
+    else:  # too short a side for equal margins (length < 2 * count - 1): nested first
+        sizes = torch.tensor([_round_half_up_fraction(k * length, count) for k in range(1, count + 1)])
     starts = (length - sizes) // 2
     return starts, starts + sizes
 

@@ -55,7 +55,7 @@ WHITENED_FROZEN = ("global", "horizontal", "all")
 TUNED_BRANCHES = ("global", "horizontal", "all")
 # Trained rows whose spread over seeds the table reports; frozen rows are deterministic (one run).
 MULTI_SEED_BRANCHES = ("global", "all")
-FUSED_MEMBERS = ("lite0-frozen-horizontal-white", "lite0-frozen-global-white", "lite0-tuned-all")
+FUSED_MEMBERS = ("lite0-frozen-horizontal-white", "lite0-frozen-annular", "lite0-tuned-all")
 
 # 224 px (Lite0's pretraining size): 14x14 maps with the last stride removed, so every 3-way part has
 # 4-5 rows; the smoke run's 128 px still gives 8x8.
