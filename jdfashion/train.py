@@ -401,13 +401,16 @@ def train(
                 if validator:
                     callbacks.append(validator)
                 if dist_info.is_main:
-                    extra = lambda: {  # noqa: E731
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "config": json.dumps(config.to_dict()),
-                        "data_fingerprint": data.fingerprint,
-                    }
-                    callbacks.append(CheckpointCallback(out_dir, config.checkpoint_every, extra))
+
+                    def resume_state() -> dict[str, Any]:
+                        return {
+                            "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "config": json.dumps(config.to_dict()),
+                            "data_fingerprint": data.fingerprint,
+                        }
+
+                    callbacks.append(CheckpointCallback(out_dir, config.checkpoint_every, resume_state))
                 if on_step:
                     callbacks.append(_StepHook(on_step))
 

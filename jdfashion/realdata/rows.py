@@ -33,7 +33,14 @@ from jdfashion.fusion import tune_weights
 from jdfashion.losses import mgpa_losses
 from jdfashion.metrics import Scores, evaluate
 from jdfashion.model.mgpa import create_model
-from jdfashion.paths import MODEL_CONFIG, MODEL_WEIGHTS, RESUME_CHECKPOINT, DataLayout, WeightsLayout
+from jdfashion.paths import (
+    MODEL_CONFIG,
+    MODEL_METRICS,
+    MODEL_WEIGHTS,
+    RESUME_CHECKPOINT,
+    DataLayout,
+    WeightsLayout,
+)
 from jdfashion.pipeline import (
     TOP_K,
     RetrievalOptions,
@@ -293,8 +300,6 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
 
 def _selection_text(workspace: Workspace, backbone: str) -> str:
     """What validation chose for this model: its epoch-0 and kept scores, WiSE-FT mix, whitening."""
-    from jdfashion.paths import MODEL_METRICS
-
     metrics = json.loads(
         (workspace.weights.model_dir(GROCERY_CATEGORY, backbone) / MODEL_METRICS).read_text()
     )
