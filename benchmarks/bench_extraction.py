@@ -10,7 +10,9 @@ Variants, each in a fresh process, each after one warm-up batch:
   read with PIL, box-cropped and transformed by timm's ``create_transform``, one batch at a time;
 * plain timm forward on the same images preloaded as tensors: the network alone;
 * the MGPA model forward on preloaded tensors: the network alone, with the stride-1 last stage and
-  the part head, so the pipeline's cost and the model's cost can be told apart.
+  the part head, so the pipeline's cost and the model's cost can be told apart;
+* jdfashion ``FeatureCache.extract`` of one rotated view (rotation TTA: every extra angle is one more
+  extraction of that side, plus the in-plane rotation of each image).
 """
 
 from __future__ import annotations
@@ -92,10 +94,14 @@ def batches(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
     return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
 
 
-def run_cache(size: ExtractionSize, workspace: Workspace, num_workers: int) -> dict[str, Any]:
+def run_cache(
+    size: ExtractionSize, workspace: Workspace, num_workers: int, rotation: float = 0.0
+) -> dict[str, Any]:
     trained = load_trained(workspace.model_dir)
-    cache_root = workspace.scratch / f"cache-{num_workers}-workers"
-    options = ExtractOptions(batch_size=size.batch_size, num_workers=num_workers, show_progress=False)
+    cache_root = workspace.scratch / f"cache-{num_workers}-workers-{rotation:g}-deg"
+    options = ExtractOptions(
+        batch_size=size.batch_size, num_workers=num_workers, show_progress=False, rotation=rotation
+    )
     FeatureCache(cache_root / "warm-up").extract(
         trained, workspace.refs[: size.batch_size], workspace.image_root, options
     )
@@ -174,6 +180,11 @@ def main() -> None:
         (f"plain timm {size.backbone} loop, PIL from disk", run_timm_disk, ()),
         (f"plain timm {size.backbone} forward, preloaded tensors", run_timm_tensors, ()),
         ("jdfashion MGPA model forward, preloaded tensors", run_mgpa_tensors, ()),
+        (
+            "jdfashion FeatureCache.extract, 2 workers, one rotated view (45 deg, rotation TTA)",
+            run_cache,
+            (2, 45.0),
+        ),
     ]
     with tempfile.TemporaryDirectory(prefix="jdfashion-bench-extraction-") as scratch:
         workspace = prepare(size, Path(scratch))
@@ -213,6 +224,8 @@ def main() -> None:
         "process's (DataLoader workers are separate processes).",
         "Every variant runs with torch.set_flush_denormal(True): with random weights, denormal "
         "activations made forwards up to 30x slower in a check here, by input rather than by model.",
+        "Rotation TTA extracts one side once per angle: the rotated-view row is the cost of one extra "
+        "angle (its rate / the default row's includes the in-plane rotation of every image).",
     ]
     write_results(
         "extraction",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -332,10 +333,32 @@ def training_summary(metrics: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------- features and fusion
-def retrieval_options(flip: bool, qe: bool, dba: bool, rerank: bool, batch_size: int, workers: int):
-    from jdfashion.pipeline import RetrievalOptions
+def retrieval_options(
+    flip: bool,
+    qe: bool,
+    dba: bool,
+    rerank: bool,
+    batch_size: int,
+    workers: int,
+    rotations: str,
+    rotation_side: str,
+    centring: float,
+    query_augmentation: int,
+):
+    from jdfashion.pipeline import RetrievalOptions, parse_rotations
 
-    return RetrievalOptions(flip, qe, dba, rerank, batch_size, workers)
+    return RetrievalOptions(
+        flip=flip,
+        query_expansion=qe,
+        database_augmentation=dba,
+        k_reciprocal=rerank,
+        batch_size=batch_size,
+        num_workers=workers,
+        rotations=parse_rotations(rotations),
+        rotation_side=rotation_side,
+        centring=centring,
+        query_augmentation=query_augmentation,
+    )
 
 
 def retrieval_flags(function):
@@ -346,6 +369,34 @@ def retrieval_flags(function):
             click.option("--query-expansion", "qe", is_flag=True, help="alpha-query expansion."),
             click.option("--database-augmentation", "dba", is_flag=True, help="Database-side augmentation."),
             click.option("--rerank", is_flag=True, help="Sparse k-reciprocal re-ranking."),
+            click.option(
+                "--centring",
+                type=click.FloatRange(0, 1),
+                default=0.0,
+                show_default=True,
+                help="Domain centring: subtract this fraction of each side's mean feature (test-time).",
+            ),
+            click.option(
+                "--query-augmentation",
+                type=click.IntRange(0),
+                default=0,
+                show_default=True,
+                help="Add each query's N nearest other queries (database augmentation of the query set).",
+            ),
+            click.option(
+                "--rotations",
+                default="0",
+                show_default=True,
+                help="Rotation TTA: views at these in-plane angles (comma list of degrees, or 'tta' "
+                "for -90,-45,0,45,90); a pair scores its best view.",
+            ),
+            click.option(
+                "--rotation-side",
+                type=click.Choice(["query", "gallery"]),
+                default="query",
+                show_default=True,
+                help="Whose images --rotations turns: each angle costs one extraction of that side.",
+            ),
             click.option("--batch-size", default=64, show_default=True),
             click.option("--workers", default=2, show_default=True),
         ]
@@ -402,26 +453,34 @@ def extract(
     device,
     **flags,
 ) -> None:
-    """Cache query and gallery features (fp16, fingerprinted, resumable)."""
-    from jdfashion import pipeline
+    """Cache query and gallery features (fp16, fingerprinted, resumable).
 
-    workspace = pipeline.Workspace.at(data_root, weights_root, device)
-    options = retrieval_options(**flags)
-    names = [backbone] if backbone else backbone_names(backbones)
-    targets = pipeline.extraction_targets(workspace, chosen_category(category), names, every_model)
-    if split == "test":
-        assignment = pipeline.assign_test(workspace, router_backbone, options, chosen_category(category))
-        targets = [(cat, name) for cat, name in targets if cat in assignment.categories]
-    for cat, name in targets:
-        if split == "val":
-            queries, gallery = pipeline.extract_validation(workspace, name, cat, options)
-        else:
-            queries, gallery = pipeline.extract_test(workspace, name, cat, assignment, options)
-        failed = len(queries.failed) + len(gallery.failed)
-        console.print(
-            f"{cat.label}/{name} {split}: {len(queries)} queries, {len(gallery)} gallery"
-            + (f", [red]{failed} images failed to decode[/]" if failed else "")
-        )
+    Under ``torchrun --nproc_per_node N -m jdfashion extract ...`` each process extracts its share of
+    every cache's chunks (one GPU each on CUDA) into the same cache."""
+    from jdfashion import pipeline
+    from jdfashion.distributed import distributed_context
+
+    with distributed_context() as ranks:
+        workspace = pipeline.Workspace.at(data_root, weights_root, device)
+        options = retrieval_options(**flags)
+        if not ranks.is_main:
+            options = dataclasses.replace(options, show_progress=False)
+        names = [backbone] if backbone else backbone_names(backbones)
+        targets = pipeline.extraction_targets(workspace, chosen_category(category), names, every_model)
+        if split == "test":
+            assignment = pipeline.assign_test(workspace, router_backbone, options, chosen_category(category))
+            targets = [(cat, name) for cat, name in targets if cat in assignment.categories]
+        for cat, name in targets:
+            if split == "val":
+                queries, gallery = pipeline.extract_validation(workspace, name, cat, options)
+            else:
+                queries, gallery = pipeline.extract_test(workspace, name, cat, assignment, options)
+            failed = len(queries.failed) + len(gallery.failed)
+            if ranks.is_main:
+                console.print(
+                    f"{cat.label}/{name} {split}: {len(queries)} queries, {len(gallery)} gallery"
+                    + (f", [red]{failed} images failed to decode[/]" if failed else "")
+                )
 
 
 @main.command()
@@ -668,9 +727,23 @@ def bench() -> None:
 @click.option("--epochs", type=int, default=None, help="Override every row's epochs.")
 @click.option("--image-size", type=int, default=None, help="Override every row's image size.")
 @click.option("--rows", default=None, help="Comma list of row names to (re)run; see docs/REALDATA.md.")
+@click.option(
+    "--rotation/--no-rotation",
+    default=True,
+    show_default=True,
+    help="Also score rotated test queries, and both query sets with rotation TTA.",
+)
+@click.option(
+    "--rotation-side",
+    type=click.Choice(["query", "gallery"]),
+    default="query",
+    show_default=True,
+    help="Whose images rotation TTA turns (docs/REALDATA.md measures both).",
+)
 @fail_on_value_errors
-def bench_real(dataset, out, smoke, seeds, epochs, image_size, rows) -> None:
-    """The Grocery Store protocol: histogram, MGPA branch ablation, two backbones, tuned fusion."""
+def bench_real(dataset, out, smoke, seeds, epochs, image_size, rows, rotation, rotation_side) -> None:
+    """The Grocery Store protocol: histogram, MGPA branch ablation, frozen vs trained, tuned fusion,
+    upright and rotated queries."""
     from jdfashion.realdata import run_real_protocol
 
     run_real_protocol(
@@ -681,5 +754,7 @@ def bench_real(dataset, out, smoke, seeds, epochs, image_size, rows) -> None:
         epochs=epochs,
         image_size=image_size,
         rows=rows.split(",") if rows else None,
+        rotation=rotation,
+        rotation_side=rotation_side,
         console=console,
     )

@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +29,7 @@ from jdfashion.atomic import atomic_path, atomic_write_text
 from jdfashion.checkpoint import TrainedModel, load_trained
 from jdfashion.data.jdformat import ImageRef
 from jdfashion.data.loader import ItemDataset, Sample, collate, eval_transform
+from jdfashion.distributed import barrier, shard
 from jdfashion.progress import make_progress
 
 Head = Literal["embedding", "probabilities"]
@@ -37,7 +38,11 @@ INDEX_FILE = "index.json"
 
 @dataclass
 class FeatureSet:
-    """Features in the order of ``ids``; rows of ``failed`` urls are zeros (they match nothing)."""
+    """Features in the order of ``ids``; rows of ``failed`` urls are zeros (they match nothing).
+
+    ``features`` is (N, D), or (V, N, D) for V views of each image (rotation TTA: :func:`stack_views`),
+    which the search reduces by the best view per pair.
+    """
 
     ids: list[str]
     features: torch.Tensor
@@ -45,6 +50,16 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def stack_views(views: Sequence[FeatureSet]) -> FeatureSet:
+    """One set of (V, N, D) features from V single-view sets of the same images; one view stays (N, D)."""
+    if len(views) == 1:
+        return views[0]
+    if any(view.ids != views[0].ids for view in views):
+        raise ValueError("views must list the same images in the same order")
+    failed = sorted({url for view in views for url in view.failed})
+    return FeatureSet(views[0].ids, torch.stack([view.features for view in views]), failed)
 
 
 def model_outputs(model: torch.nn.Module, images: torch.Tensor, head: Head, flip: bool) -> torch.Tensor:
@@ -64,13 +79,15 @@ def model_outputs(model: torch.nn.Module, images: torch.Tensor, head: Head, flip
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """How features are computed; ``head`` and ``flip`` change the features, the rest only the speed."""
+    """How features are computed; ``head``, ``flip`` and ``rotation`` (degrees, counter-clockwise: one
+    view of rotation TTA) change the features, the rest only the speed."""
 
     head: Head = "embedding"
     flip: bool = False
     batch_size: int = 64
     num_workers: int = 2
     show_progress: bool = True
+    rotation: float = 0.0
 
 
 def iterate_outputs(
@@ -88,7 +105,7 @@ def iterate_outputs(
     dataset = ItemDataset(
         [Sample(ref, 0) for ref in refs],
         image_root,
-        eval_transform(trained.image_size, *trained.model_config.normalization),
+        eval_transform(trained.image_size, *trained.model_config.normalization, rotation=options.rotation),
     )
     loader = DataLoader(
         dataset,
@@ -130,11 +147,14 @@ def compute_features(
     return FeatureSet([ref.url for ref in refs], features, failed)
 
 
-def fingerprint(trained: TrainedModel, refs: Sequence[ImageRef], head: Head, flip: bool) -> str:
+def fingerprint(trained: TrainedModel, refs: Sequence[ImageRef], options: ExtractOptions) -> str:
+    """Each rotation view has its own; upright views keep the fingerprint they had before rotations."""
     digest = hashlib.sha256()
     digest.update(trained.weights_sha256.encode())
     digest.update(json.dumps(trained.model_config.to_dict(), sort_keys=True).encode())
-    digest.update(f"size={trained.image_size} head={head} flip={flip}\n".encode())
+    digest.update(f"size={trained.image_size} head={options.head} flip={options.flip}\n".encode())
+    if options.rotation % 360:  # "crop": the view is cut to the turned frame's largest upright box
+        digest.update(f"rotation={options.rotation % 360:g} view=crop\n".encode())
     for ref in refs:
         box = ref.box
         digest.update(f"{ref.url} {box.x1} {box.y1} {box.x2} {box.y2}\n".encode())
@@ -154,14 +174,22 @@ class FeatureCache:
         options: ExtractOptions = ExtractOptions(),
         description: str = "extract",
     ) -> FeatureSet:
-        """Features for ``refs``: from the cache when the fingerprint matches, else computed by chunks."""
-        directory = self.root / fingerprint(trained, refs, options.head, options.flip)
+        """Features for ``refs``: from the cache when the fingerprint matches, else computed by chunks.
+
+        Under torchrun each rank computes chunks ``rank, rank + world, ...`` into the same folder
+        (a filesystem every rank sees), then rank 0 writes the index: the same cache one process
+        writes. Chunks from several machines can also be copied into one folder; a
+        final one-process run finds them and only writes the index.
+        """
+        directory = self.root / fingerprint(trained, refs, options)
         index_path = directory / INDEX_FILE
         if index_path.exists():
             return self.load(directory)
-        for start in range(0, len(refs), self.chunk_size):
-            chunk_path = directory / f"chunk_{start // self.chunk_size:05d}.safetensors"
-            if chunk_path.exists():
+        rank, world_size = shard()
+        starts = range(0, len(refs), self.chunk_size)
+        chunk_paths = [directory / f"chunk_{number:05d}.safetensors" for number in range(len(starts))]
+        for number, (start, chunk_path) in enumerate(zip(starts, chunk_paths, strict=True)):
+            if number % world_size != rank or chunk_path.exists():
                 continue
             chunk = compute_features(
                 trained,
@@ -181,11 +209,21 @@ class FeatureCache:
             "chunk_size": self.chunk_size,
             "head": options.head,
             "flip": options.flip,
+            "rotation": options.rotation,
             "image_size": trained.image_size,
             "weights_sha256": trained.weights_sha256,
             "model_dir": str(trained.directory),
         }
-        atomic_write_text(index_path, json.dumps(index))
+        barrier()
+        missing = [p.name for p in chunk_paths if not p.exists()]
+        if missing:  # every rank sees it: ranks on machines without this disk wrote them elsewhere
+            raise FileNotFoundError(
+                f"{directory}: {len(missing)} chunk(s) missing ({missing[0]} ...): copy them here from the "
+                "machines that extracted them, then run extract again"
+            )
+        if rank == 0:
+            atomic_write_text(index_path, json.dumps(index))
+        barrier()
         return self.load(directory)
 
     @staticmethod
@@ -206,14 +244,26 @@ class FeatureExtractor:
     """The notebook entry point: ``FeatureExtractor("weights/clothes/resnet101")(refs, image_root)``."""
 
     def __init__(
-        self, model_dir: Path | str, device: str | None = None, flip: bool = False, batch_size: int = 64
+        self,
+        model_dir: Path | str,
+        device: str | None = None,
+        flip: bool = False,
+        batch_size: int = 64,
+        rotations: Sequence[float] = (0.0,),
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.trained = load_trained(Path(model_dir), device)
         self.options = ExtractOptions(flip=flip, batch_size=batch_size, show_progress=False)
+        self.rotations = tuple(rotations)
 
     def __call__(self, refs: Sequence[ImageRef], image_root: Path | str) -> FeatureSet:
-        return compute_features(self.trained, refs, Path(image_root), self.options)
+        """(N, D) features, or (V, N, D) with several ``rotations`` (query views for rotation TTA)."""
+        return stack_views(
+            [
+                compute_features(self.trained, refs, Path(image_root), replace(self.options, rotation=angle))
+                for angle in self.rotations
+            ]
+        )
 
 
 class CategoryRouter:

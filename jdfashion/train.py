@@ -13,18 +13,15 @@ channels_last; under ``torchrun`` it trains with DDP (gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
-import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -56,6 +53,7 @@ from jdfashion.data.loader import (
 )
 from jdfashion.data.split import identities as group_identities
 from jdfashion.data.split import training_identities
+from jdfashion.distributed import distributed_context, pick_device
 from jdfashion.losses import mgpa_losses
 from jdfashion.model.backbones import BACKBONE_PRESETS, input_normalization
 from jdfashion.model.mgpa import MGPA, MGPAConfig, PartWhitening, create_model
@@ -258,43 +256,6 @@ def fit(
         for callback in callbacks:
             callback.on_epoch_end(state)
     state.model.backbone.requires_grad_(True)
-
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@contextmanager
-def distributed_context() -> Iterator[Distributed]:
-    """Initialise DDP when launched by torchrun; tear down in the order this torch needs to exit cleanly."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        yield Distributed()
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    info = Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    try:
-        yield info
-    finally:
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def pick_device(requested: str | None, dist_info: Distributed) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist_info.local_rank)
-    return torch.device("cpu")
 
 
 def progress_bar() -> ProgressLike:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +126,125 @@ def test_category_router_learns_the_demo_categories(demo_data, tmp_path):
     predicted = CategoryRouter(router_dir, device="cpu")(refs, layout.images)
     accuracy = float((predicted == np.asarray(labels)).mean())
     assert accuracy >= 0.8, accuracy  # chance is 1/3
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _extract_as_rank(
+    rank: int, world_size: int, port: int, model_dir: Path, image_root: Path, cache_root: Path
+) -> None:
+    """One torchrun-like process: joins a gloo group and extracts its share of the chunks."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        refs = read_images(image_root.parent / "s.txt")
+        FeatureCache(cache_root, chunk_size=8).extract(load_trained(model_dir), refs, image_root, QUIET)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_extract_the_same_cache_as_one(trained_dir, demo_data, gallery, tmp_path):
+    """torchrun-style extraction with 2 CPU processes (gloo): each writes every other chunk, and the
+    cache they leave holds the same features as a one-process run."""
+    import torch.multiprocessing as mp
+
+    images = DataLayout(demo_data).images
+    mp.spawn(
+        _extract_as_rank, args=(2, free_port(), trained_dir, images, tmp_path / "two"), nprocs=2, join=True
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic as each rank's
+    try:
+        one = FeatureCache(tmp_path / "one", chunk_size=8).extract(
+            load_trained(trained_dir), gallery, images, QUIET
+        )
+    finally:
+        torch.set_num_threads(threads)
+    (two_dir,) = (tmp_path / "two").iterdir()
+    assert two_dir.name == next((tmp_path / "one").iterdir()).name
+    assert len(list(two_dir.glob("chunk_*"))) == -(-len(gallery) // 8) >= 2
+    two = FeatureCache.load(two_dir)
+    assert two.ids == one.ids and torch.equal(two.features, one.features)
+
+
+@pytest.mark.slow
+def test_extract_under_torchrun_writes_the_one_process_cache(trained_dir, demo_data, tmp_path):
+    """The CLI under ``torchrun --nproc_per_node 2`` (gloo on CPU): one cache per list, same features."""
+    import subprocess
+    import sys
+
+    weights = tmp_path / "weights"
+    shutil.copytree(trained_dir, weights / "clothes" / "resnet18")
+    command = [
+        "extract",
+        "--backbone",
+        "resnet18",
+        "--category",
+        "clothes",
+        "--split",
+        "val",
+        "--workers",
+        "0",
+    ]
+    roots = ["--data", str(demo_data), "--weights-root"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    two = subprocess.run(
+        [*launcher, "-m", "jdfashion", *command, *roots, str(weights)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert len(re.findall(r"clothes/resnet18 val: \d+ queries", two.stdout)) == 1, "only rank 0 reports"
+    shutil.copytree(trained_dir, tmp_path / "single" / "clothes" / "resnet18")
+    one = subprocess.run(
+        [sys.executable, "-m", "jdfashion", *command, *roots, str(tmp_path / "single")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    caches = sorted((weights / "features").iterdir()), sorted((tmp_path / "single" / "features").iterdir())
+    assert [c.name for c in caches[0]] == [c.name for c in caches[1]] and len(caches[0]) == 2
+    for two_dir, one_dir in zip(*caches, strict=True):
+        assert torch.equal(FeatureCache.load(two_dir).features, FeatureCache.load(one_dir).features)
+
+
+def test_chunks_written_on_another_machine_are_named_not_indexed(
+    trained_dir, demo_data, gallery, tmp_path, monkeypatch
+):
+    """Rank 0 of 2 whose partner wrote to a disk this machine does not see: no index over missing
+    chunks; the error names them, and copying them in (here: a one-process run) completes the cache."""
+    import jdfashion.features as features_module
+
+    images, trained = DataLayout(demo_data).images, load_trained(trained_dir)
+    monkeypatch.setattr(features_module, "shard", lambda: (0, 2))
+    monkeypatch.setattr(features_module, "barrier", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r"chunk\(s\) missing \(chunk_00001"):
+        FeatureCache(tmp_path, chunk_size=8).extract(trained, gallery, images, QUIET)
+    (directory,) = tmp_path.iterdir()
+    assert not (directory / INDEX_FILE).exists()
+    written = chunk_times(directory)
+    monkeypatch.undo()
+    complete = FeatureCache(tmp_path, chunk_size=8).extract(trained, gallery, images, QUIET)
+    assert len(complete) == len(gallery) and all(
+        chunk_times(directory)[name] == t for name, t in written.items()
+    )

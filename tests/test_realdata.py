@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 from rich.console import Console
 
-from jdfashion.data.jdformat import read_images, read_pairs, read_truth
+from jdfashion.data.images import url_to_path
+from jdfashion.data.jdformat import Box, ImageRef, read_images, read_pairs, read_truth
 from jdfashion.data.manifest import GROCERY_TEST_CLASSES
+from jdfashion.features import FeatureExtractor
 from jdfashion.paths import DataLayout
 from jdfashion.realdata import run_real_protocol
+from jdfashion.realdata.protocol import ROTATED_DIR, build_rotated_queries
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 # One seed, one epoch at the smallest size that keeps 8x8 maps, 32 queries, 3 photos per training
@@ -146,3 +152,68 @@ def test_training_never_ships_below_its_starting_point_on_validation(micro_run: 
     shipped = [row for row in metrics if row.get("stage") in ("selected", "wise_selected")][-1]
     assert shipped["val_map"] >= start["val_map"]
     assert (model_dir / "curves.png").is_file()
+
+
+def test_rotated_queries_are_the_test_queries_turned_by_seeded_angles(micro_run: tuple[Path, object]) -> None:
+    out, _ = micro_run
+    layout, rotated = DataLayout(out / "data"), DataLayout(out / "data" / ROTATED_DIR)
+    upright, turned = read_images(layout.queries), read_images(rotated.queries)
+    truth, turned_truth = read_truth(layout.truth), read_truth(rotated.truth)
+    assert [turned_truth[ref.url] for ref in turned] == [truth[ref.url] for ref in upright]
+    angles = json.loads((rotated.root / "angles.json").read_text())["angles"]
+    assert len(angles) == len(upright) == 32 and all(-90 <= angle <= 90 for angle in angles)
+    assert max(angles) - min(angles) > 90, "angles spread over the range"
+    for ref, turned_ref, angle in list(zip(upright, turned, angles, strict=True))[:4]:
+        width, height = Image.open(url_to_path(ref.url, layout.images)).size
+        radians = math.radians(angle)
+        expected = abs(width * math.cos(radians)) + abs(height * math.sin(radians))
+        assert abs(turned_ref.box.x2 - expected) <= 2, "the canvas grows so that nothing is cut off"
+    written = [url_to_path(ref.url, rotated.images).stat().st_mtime_ns for ref in turned]
+    build_rotated_queries(out / "data")
+    assert [url_to_path(ref.url, rotated.images).stat().st_mtime_ns for ref in turned] == written
+
+
+def test_rows_report_rotated_queries_and_rotation_tta(micro_run: tuple[Path, object]) -> None:
+    out, report = micro_run
+    everything = (
+        "rotated",
+        "upright + TTA",
+        "rotated + TTA",
+        "upright + transductive",
+        "rotated + TTA + transductive",
+    )
+    # TTA columns for the frozen branch rows only (each costs 8 more extractions of the queries).
+    for name, variants in (
+        ("lite0-frozen-global", everything),
+        ("lite0-tuned-global", ("rotated", "upright + transductive")),
+    ):
+        rotation = report.row(name).rotation
+        assert sorted(rotation) == sorted(
+            f"{v} {metric}" for v in variants for metric in ("rank-1", "mAP@10")
+        )
+        assert all(len(values) == 1 and 0 <= values[0] <= 1 for values in rotation.values())
+    assert not report.row("histogram").rotation
+    assert "| lite0-frozen-global |" in (out / "REALDATA-results.md").read_text().split("Rotated queries")[1]
+
+
+def test_a_quarter_turned_photo_is_matched_by_its_turned_back_view(
+    micro_run: tuple[Path, object], tmp_path: Path
+) -> None:
+    """Real photos through the frozen pretrained network: the -90 degree view of a photo turned by 90
+    degrees is the upright photo (a quarter turn loses nothing), so TTA recovers its features."""
+    out, _ = micro_run
+    model_dir = out / "weights" / "lite0-frozen-global" / "seed0" / "clothes" / "efficientnet_lite0"
+    photos = read_images(DataLayout(out / "data").queries)[::8]
+    turned = []
+    for number, ref in enumerate(photos):
+        path = tmp_path / f"{number}.jpg"
+        Image.open(url_to_path(ref.url, tmp_path)).rotate(90, expand=True).save(path, quality=95)
+        turned.append(ImageRef(path.as_uri(), Box(0, 0, ref.box.y2, ref.box.x2)))
+    upright = FeatureExtractor(model_dir, device="cpu")(photos, tmp_path).features.float()
+    views = FeatureExtractor(model_dir, device="cpu", rotations=(0.0, -90.0))(
+        turned, tmp_path
+    ).features.float()
+    assert views.shape == (2, len(photos), upright.shape[1])
+    as_turned, turned_back = (torch.nn.functional.cosine_similarity(view, upright) for view in views)
+    assert bool((turned_back > 0.97).all()), turned_back
+    assert bool((turned_back > as_turned).all())

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from jdfashion.features import FeatureSet
 from jdfashion.metrics import evaluate
-from jdfashion.rerank import database_augmentation, k_reciprocal_rerank, query_expansion
+from jdfashion.pipeline import RetrievalOptions, ranked_lists
+from jdfashion.rerank import database_augmentation, domain_centring, k_reciprocal_rerank, query_expansion
 from jdfashion.search import topk
 
 
@@ -171,3 +173,43 @@ def test_neighbourhoods_larger_than_the_data_are_clipped_as_in_the_dense_code() 
     assert indices.shape == (3, 8)
     np.testing.assert_array_equal(indices, np.argsort(reference, axis=1, kind="stable"))
     np.testing.assert_allclose(distances, np.take_along_axis(reference, indices, axis=1), atol=1e-6)
+
+
+def two_domains(seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]]]:
+    """Queries and gallery share item vectors, but each side adds its own large domain offset."""
+    rng = np.random.default_rng(seed)
+    items = rng.standard_normal((40, 64))
+    query_items = rng.integers(0, 40, 200)
+    queries = items[query_items] + 1.2 * rng.standard_normal((200, 64)) + 6 * rng.standard_normal(64)
+    gallery = items + 6 * rng.standard_normal(64)
+    return queries, gallery, {f"q{q}": [f"g{i}"] for q, i in enumerate(query_items)}
+
+
+def test_domain_centring_removes_each_sides_offset() -> None:
+    queries, gallery, truth = two_domains(seed=0)
+    before = map_at_10(topk(queries, gallery, 10)[1], truth)
+    centred_queries = domain_centring(torch.from_numpy(queries).float(), 1.0)
+    centred_gallery = domain_centring(torch.from_numpy(gallery).half(), 1.0)
+    assert centred_gallery.dtype == torch.float16
+    # The shared direction dominated every query; after full centring it hardly shows.
+    shared = torch.nn.functional.normalize(torch.from_numpy(unit(queries).mean(axis=0)).float(), dim=0)
+    before_share = (torch.from_numpy(unit(queries)).float() @ shared).mean()
+    assert float((centred_queries @ shared).abs().mean()) < 0.3 * float(before_share)
+    after = map_at_10(topk(centred_queries, centred_gallery, 10)[1], truth)
+    assert after > before + 0.2
+    views = torch.stack([torch.from_numpy(queries).float()] * 2)
+    assert torch.allclose(domain_centring(views, 0.5)[1], domain_centring(views[0], 0.5), atol=1e-6)
+    with pytest.raises(ValueError, match="fraction"):
+        domain_centring(views, 1.5)
+
+
+def test_ranked_lists_centre_then_augment_the_queries() -> None:
+    queries, gallery, _ = two_domains(seed=1)
+    ids = [f"q{i}" for i in range(len(queries))], [f"g{i}" for i in range(len(gallery))]
+    query_set = FeatureSet(ids[0], torch.from_numpy(queries).float())
+    gallery_set = FeatureSet(ids[1], torch.from_numpy(gallery).float())
+    options = RetrievalOptions(centring=0.5, query_augmentation=3, show_progress=False)
+    ranked = ranked_lists({"m": query_set}, {"m": gallery_set}, {"m": 1.0}, options)
+    expected_queries = database_augmentation(domain_centring(query_set.features, 0.5), top_n=3)
+    _, indices = topk(expected_queries, domain_centring(gallery_set.features, 0.5), 10)
+    assert ranked == {q: [ids[1][i] for i in row] for q, row in zip(ids[0], indices.tolist(), strict=True)}

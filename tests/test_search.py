@@ -108,7 +108,13 @@ def test_no_queries_give_empty_results() -> None:
 @pytest.mark.parametrize(
     ("queries", "gallery", "k", "options", "message"),
     [
-        (np.ones((2, 3)), np.ones((5, 4)), 2, {}, r"need \(Q, D\) queries and \(G, D\) gallery"),
+        (
+            np.ones((2, 3)),
+            np.ones((5, 4)),
+            2,
+            {},
+            r"need \(Q, D\) or \(V, Q, D\) queries and \(G, D\) or \(V, G, D\) gallery",
+        ),
         (np.ones((2, 3)), np.ones((5, 3)), 6, {}, "k must be between 1 and the gallery size 5"),
         (np.ones((2, 3)), np.ones((5, 3)), 0, {}, "k must be between 1"),
         (np.ones((2, 3)), np.ones((5, 3)), 2, {"query_groups": np.zeros(2)}, "give both"),

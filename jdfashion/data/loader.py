@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -23,16 +24,22 @@ Stats = tuple[float, ...]
 UNREADABLE_SIZE = 64  # the black stand-in for an undecodable image; resized like any crop
 
 
-def eval_transform(image_size: int, mean: Stats, std: Stats) -> A.Compose:
+def eval_transform(image_size: int, mean: Stats, std: Stats, rotation: float = 0.0) -> A.Compose:
     """The item crop is squashed to a square, as the paper's 384x384 input. ``mean``/``std`` are the
-    backbone's own (``model.backbones.input_normalization``), never assumed."""
-    return A.Compose(
-        [
+    backbone's own (``model.backbones.input_normalization``), never assumed.
+
+    ``rotation`` (degrees, counter-clockwise) is one view of rotation TTA: the square is turned, cut
+    to the largest upright box inside the turned frame (no fill corners: black ones matched every
+    photo with black corners on the Grocery protocol) and resized back. A quarter turn is exact.
+    """
+    steps: list[A.BasicTransform] = [A.Resize(image_size, image_size)]
+    if rotation % 360:
+        steps += [
+            A.Rotate(limit=(rotation, rotation), border_mode=cv2.BORDER_REFLECT_101, crop_border=True, p=1.0),
             A.Resize(image_size, image_size),
-            A.Normalize(mean=mean, std=std),
-            A.ToTensorV2(),
         ]
-    )
+    steps += [A.Normalize(mean=mean, std=std), A.ToTensorV2()]
+    return A.Compose(steps)
 
 
 def train_transform(

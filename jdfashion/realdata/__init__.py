@@ -19,8 +19,8 @@ from typing import Any
 from rich.console import Console
 
 from jdfashion.atomic import atomic_write_text
-from jdfashion.pipeline import RetrievalOptions
-from jdfashion.realdata.protocol import Protocol, build_protocol
+from jdfashion.pipeline import RetrievalOptions, RotationSide
+from jdfashion.realdata.protocol import Protocol, build_protocol, build_rotated_queries
 from jdfashion.realdata.rows import (
     LOADER_WORKERS,
     MIN_IMAGE_SIZE,
@@ -55,6 +55,8 @@ def run_real_protocol(
     max_train_photos: int | None = None,
     time_steps: bool = True,
     show_progress: bool = True,
+    rotation: bool = True,
+    rotation_side: RotationSide = "query",
     console: Console | None = None,
 ) -> RealDataReport:
     """Build the split, run each row, write ``out/REALDATA-results.md`` and ``.json``.
@@ -62,7 +64,9 @@ def run_real_protocol(
     ``smoke`` runs one seed, :data:`SMOKE_ROWS`, one epoch, 128 px and fewer training photos (the CI
     check). ``rows`` reruns named rows (see :data:`ROWS`); rows already in ``out``'s results with the
     same settings are kept in the table. ``max_queries`` thins test and validation queries and
-    ``max_train_photos`` the training photos per identity (tests and smoke).
+    ``max_train_photos`` the training photos per identity (tests and smoke). ``rotation`` also scores
+    every model row on the test queries turned by seeded angles, and both query sets with rotation
+    TTA on ``rotation_side``.
     """
     console = console or Console()
     seeds = tuple(seeds)[:1] if smoke else tuple(seeds)
@@ -92,8 +96,12 @@ def run_real_protocol(
         image_size,
         smoke,
         RetrievalOptions(num_workers=LOADER_WORKERS, show_progress=show_progress),
+        rotation,
+        rotation_side,
     )
     protocol = build_protocol(dataset, out / "data", max_queries, max_train_photos)
+    if rotation:
+        build_rotated_queries(out / "data")
     console.print(
         f"protocol: {protocol.train_identities} training identities, {protocol.val_identities} validation; "
         f"test {protocol.test_queries} queries x {protocol.test_gallery} gallery"
@@ -110,7 +118,9 @@ def run_real_protocol(
         "image_size": image_size,
         "max_queries": max_queries,
         "max_train_photos": max_train_photos,
-        "command": _command(dataset, out, smoke, seeds, epochs, image_size, rows),
+        "rotation": rotation,
+        "rotation_side": rotation_side,
+        "command": _command(dataset, out, smoke, seeds, epochs, image_size, rows, rotation, rotation_side),
     }
     previous = _previous_rows(out, recorded)
     step_times = None
@@ -137,7 +147,15 @@ def _previous_rows(out: Path, settings: dict[str, Any]) -> dict[str, RowResult]:
     earlier = json.loads(path.read_text())
     same = all(
         earlier["settings"].get(key) == settings[key]
-        for key in ("smoke", "epochs", "image_size", "max_queries", "max_train_photos")
+        for key in (
+            "smoke",
+            "epochs",
+            "image_size",
+            "max_queries",
+            "max_train_photos",
+            "rotation",
+            "rotation_side",
+        )
     )
     return {row["name"]: RowResult.from_dict(row) for row in earlier["rows"]} if same else {}
 
@@ -150,10 +168,14 @@ def _command(
     epochs: int | None,
     image_size: int | None,
     rows: Sequence[str] | None,
+    rotation: bool,
+    rotation_side: str,
 ) -> str:
     parts = ["jdfashion bench real", f"--dataset {dataset}", f"--out {out}"]
     parts += ["--smoke"] if smoke else [f"--seeds {','.join(map(str, seeds))}"]
     parts += [f"--epochs {epochs}"] if epochs else []
     parts += [f"--image-size {image_size}"] if image_size else []
     parts += [f"--rows {','.join(rows)}"] if rows else []
+    parts += [] if rotation else ["--no-rotation"]
+    parts += [f"--rotation-side {rotation_side}"] if rotation and rotation_side != "query" else []
     return " ".join(parts)

@@ -7,10 +7,18 @@ chosen on images that resemble the test, not on fruit.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from jdfashion.atomic import atomic_path, atomic_write_text
+from jdfashion.data.images import load_item
 from jdfashion.data.jdformat import (
+    Box,
+    ImageRef,
     read_images,
     read_pairs,
     read_truth,
@@ -27,6 +35,11 @@ GROCERY_VAL_POOL = tuple(range(28, 43))
 # A third of the 15 packages (5) validate; 60 identities (50 produce + 10 packages) remain to train.
 VAL_FRACTION = 1 / 3
 SPLIT_SEED = 0
+# The rotated-query variant (issue 11): each test query turned by a seeded angle in [-90, 90] degrees.
+ROTATED_DIR = "rotated"
+ROTATION_SEED = 0
+MAX_QUERY_ROTATION = 90.0
+ANGLES_FILE = "angles.json"
 
 
 @dataclass(frozen=True)
@@ -120,3 +133,31 @@ def _thin_training(layout: DataLayout, per_identity: int) -> None:
         if counts[pair.shop.url] <= per_identity:
             kept.append(pair)
     write_pairs(layout.train_pairs, kept)
+
+
+def build_rotated_queries(data_root: Path, seed: int = ROTATION_SEED) -> DataLayout:
+    """The test queries, each photo turned in-plane by a seeded angle in [-90, 90] degrees
+    (counter-clockwise positive; the canvas grows so nothing is cut off, corners black), with the test
+    truth: consumer photos taken at an angle, which the paper's annular parts are meant for. Written
+    under ``data_root/rotated`` once; a rerun with the same queries and seed reuses them."""
+    layout, rotated = DataLayout(data_root), DataLayout(data_root / ROTATED_DIR)
+    queries, truth = read_images(layout.queries), read_truth(layout.truth)
+    angles = np.random.default_rng(seed).uniform(-MAX_QUERY_ROTATION, MAX_QUERY_ROTATION, len(queries))
+    record = {"seed": seed, "sources": [ref.url for ref in queries], "angles": angles.round(3).tolist()}
+    record_path = rotated.root / ANGLES_FILE
+    if record_path.exists() and json.loads(record_path.read_text()) == record and rotated.truth.exists():
+        return rotated
+    refs, rotated_truth = [], {}
+    for number, (ref, angle) in enumerate(zip(queries, record["angles"], strict=True)):
+        photo = Image.fromarray(load_item(ref, layout.images))
+        turned = photo.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(0, 0, 0))
+        target = rotated.images / f"{number:05d}_{Path(ref.url).stem}.jpg"
+        with atomic_path(target) as tmp:
+            turned.save(tmp, format="JPEG", quality=95)
+        url = target.absolute().as_uri()
+        refs.append(ImageRef(url, Box(0, 0, turned.width, turned.height)))
+        rotated_truth[url] = truth[ref.url]
+    write_images(rotated.queries, refs)
+    write_truth(rotated.truth, rotated_truth)
+    atomic_write_text(record_path, json.dumps(record))
+    return rotated

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +29,7 @@ from jdfashion.data.jdformat import ImageRef, read_images, read_truth
 from jdfashion.data.loader import ItemDataset, PKBatchSampler, collate, train_transform
 from jdfashion.data.manifest import GROCERY_CATEGORY
 from jdfashion.features import FeatureSet
-from jdfashion.fusion import tune_weights
+from jdfashion.fusion import TuneResult, tune_weights
 from jdfashion.losses import mgpa_losses
 from jdfashion.metrics import Scores, evaluate
 from jdfashion.model.mgpa import create_model
@@ -42,14 +42,18 @@ from jdfashion.paths import (
     WeightsLayout,
 )
 from jdfashion.pipeline import (
+    ROTATION_TTA,
     TOP_K,
     RetrievalOptions,
+    RotationSide,
     Workspace,
     extract_validation,
     ranked_lists,
     validation_set,
 )
+from jdfashion.realdata.protocol import ROTATED_DIR
 from jdfashion.realdata.table import RowResult, StepTimes
+from jdfashion.rerank import domain_centring
 from jdfashion.search import topk
 from jdfashion.train import build_optimizer, load_training_data, model_config_for, resolved, train
 
@@ -81,6 +85,31 @@ IMAGES_PER_IDENTITY = 4
 LOADER_WORKERS = 0
 TIMING_FILE = "timing.json"
 SEED_COST_FILE = "seed-cost.json"
+
+
+@dataclass(frozen=True)
+class QueryVariant:
+    """The test queries as given or turned (``protocol.build_rotated_queries``), with or without
+    rotation TTA and the transductive options: the extra columns of the table."""
+
+    name: str
+    rotated: bool
+    tta: bool
+    transductive: bool = False
+
+
+# Rows whose TTA columns are measured: query-side TTA extracts the 923 queries 4 more times per
+# query set (about 10 minutes a row here), so the branch sets of the frozen network only.
+TTA_ROWS = ("lite0-frozen-global", "lite0-frozen-horizontal", "lite0-frozen-annular", "lite0-frozen-all")
+# Domain centring 0.5 + query augmentation 5: the values validation chose (docs/REALDATA.md).
+TRANSDUCTIVE = {"centring": 0.5, "query_augmentation": 5}
+QUERY_VARIANTS = (
+    QueryVariant("rotated", rotated=True, tta=False),
+    QueryVariant("upright + TTA", rotated=False, tta=True),
+    QueryVariant("rotated + TTA", rotated=True, tta=True),
+    QueryVariant("upright + transductive", rotated=False, tta=False, transductive=True),
+    QueryVariant("rotated + TTA + transductive", rotated=True, tta=True, transductive=True),
+)
 
 
 @dataclass(frozen=True)
@@ -129,6 +158,24 @@ class RunSettings:
     image_size: int | None
     smoke: bool
     options: RetrievalOptions
+    rotation: bool = False  # score QUERY_VARIANTS too (TTA ones for TTA_ROWS, not in the smoke run)
+    rotation_side: RotationSide = "query"
+
+    def variants(self, spec: RowSpec) -> tuple[QueryVariant, ...]:
+        if not self.rotation:
+            return ()
+        tta = spec.name in TTA_ROWS and not self.smoke
+        return tuple(variant for variant in QUERY_VARIANTS if tta or not variant.tta)
+
+    def options_for(self, variant: QueryVariant) -> RetrievalOptions:
+        options = replace(self.options, **TRANSDUCTIVE) if variant.transductive else self.options
+        if not variant.tta:
+            return options
+        return replace(options, rotations=ROTATION_TTA, rotation_side=self.rotation_side)
+
+    def queries_for(self, variant: QueryVariant) -> tuple[list[ImageRef], dict[str, list[str]]]:
+        layout = DataLayout(self.out / "data" / ROTATED_DIR if variant.rotated else self.out / "data")
+        return read_images(layout.queries), read_truth(layout.truth)
 
     def epochs_for(self, spec: RowSpec) -> int:
         if spec.recipe == "frozen":
@@ -272,6 +319,7 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
     layout = DataLayout(settings.out / "data")
     queries, gallery, truth = _test_sets(layout)
     per_seed: list[tuple[Scores, Scores]] = []
+    rotation: list[dict[str, Scores]] = []
     cpu = wall = 0.0
     selections = []
     for seed in settings.seeds_for(spec):
@@ -285,6 +333,8 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         cpu, wall = cpu + cost["cpu"], wall + cost["wall"]
         selections.append(f"seed {seed}: {_selection_text(workspace, spec.backbone)}")
         console.print(f"{spec.name} seed {seed}: {_scores_text(*per_seed[-1])}")
+        single = _Pipeline({spec.backbone: (workspace, spec.backbone)}, gallery, tuned=False)
+        rotation.append(_variant_scores(settings.variants(spec), settings, single, console))
     return _result(
         spec,
         settings.seeds_for(spec),
@@ -295,6 +345,7 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         "; ".join(selections),
         epochs=settings.epochs_for(spec),
         image_size=settings.size,
+        rotation=rotation,
     )
 
 
@@ -340,6 +391,7 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
     layout = DataLayout(settings.out / "data")
     queries, gallery, truth = _test_sets(layout)
     per_seed: list[tuple[Scores, Scores]] = []
+    rotation: list[dict[str, Scores]] = []
     cpu = wall = 0.0
     chosen = []
     for seed in settings.seeds_for(spec):
@@ -351,30 +403,24 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
                 trained_model(member_spec, member_seed, settings, console)[0],
                 member_spec.backbone,
             )
+
+        fusion = _Pipeline(workspaces, gallery, tuned=True)
         with clock() as spent:
-            first = next(iter(workspaces.values()))[0]
-            val = validation_set(first, GROCERY_CATEGORY)
-            val_sets = {
-                m: extract_validation(w, b, GROCERY_CATEGORY, settings.options)
-                for m, (w, b) in workspaces.items()
-            }
-            tuned = tune_weights(
-                {m: s[0].features for m, s in val_sets.items()},
-                {m: s[1].features for m, s in val_sets.items()},
-                [r.url for r in val.queries],
-                [r.url for r in val.gallery],
-                val.truth,
+            per_seed.append(
+                _rank_and_score(
+                    fusion.sets(settings.options, queries),
+                    fusion.weights(settings.options),
+                    truth,
+                    settings.options,
+                )
             )
-            test_sets = {
-                m: _test_features(w, b, queries, gallery, settings.options)
-                for m, (w, b) in workspaces.items()
-            }
-            per_seed.append(_rank_and_score(test_sets, tuned.weights, truth, settings.options))
         cpu, wall = cpu + spent["cpu"], wall + spent["wall"]
-        weights = ", ".join(f"{m} {w:.2f}" for m, w in sorted(tuned.weights.items()))
+        tuned = fusion.tuning(settings.options)
+        weights_text = ", ".join(f"{m} {w:.2f}" for m, w in sorted(tuned.weights.items()))
         alone = ", ".join(f"{m} {v:.3f}" for m, (v, _) in sorted(tuned.per_model.items()))
-        chosen.append(f"seed {seed}: {weights} (val mAP@10 fused {tuned.fused_map:.3f}; alone {alone})")
-        console.print(f"fused seed {seed}: {weights}; {_scores_text(*per_seed[-1])}")
+        chosen.append(f"seed {seed}: {weights_text} (val mAP@10 fused {tuned.fused_map:.3f}; alone {alone})")
+        console.print(f"fused seed {seed}: {weights_text}; {_scores_text(*per_seed[-1])}")
+        rotation.append(_variant_scores(settings.variants(spec), settings, fusion, console))
     note = "weights tuned on validation; seconds exclude training the members (their rows); "
     return _result(
         spec,
@@ -384,7 +430,58 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         wall,
         (len(queries), len(gallery)),
         note + "; ".join(chosen),
+        rotation=rotation,
     )
+
+
+@dataclass
+class _Pipeline:
+    """One seed's models of a row (name -> workspace, backbone) and their weights: equal, or tuned on
+    validation under the same retrieval options (rotation TTA on, if on) as the test ranking."""
+
+    models: dict[str, tuple[Workspace, str]]
+    gallery: list[ImageRef]
+    tuned: bool
+    _tunings: dict[RetrievalOptions, TuneResult] = field(default_factory=dict)
+
+    def sets(
+        self, options: RetrievalOptions, queries: list[ImageRef]
+    ) -> dict[str, tuple[FeatureSet, FeatureSet]]:
+        return {m: _test_features(w, b, queries, self.gallery, options) for m, (w, b) in self.models.items()}
+
+    def weights(self, options: RetrievalOptions) -> dict[str, float]:
+        return self.tuning(options).weights if self.tuned else dict.fromkeys(self.models, 1.0)
+
+    def tuning(self, options: RetrievalOptions) -> TuneResult:
+        if options not in self._tunings:
+            first = next(iter(self.models.values()))[0]
+            val = validation_set(first, GROCERY_CATEGORY)
+            val_sets = {
+                m: extract_validation(w, b, GROCERY_CATEGORY, options) for m, (w, b) in self.models.items()
+            }
+            self._tunings[options] = tune_weights(
+                {m: domain_centring(s[0].features, options.centring) for m, s in val_sets.items()},
+                {m: domain_centring(s[1].features, options.centring) for m, s in val_sets.items()},
+                [r.url for r in val.queries],
+                [r.url for r in val.gallery],
+                val.truth,
+            )
+        return self._tunings[options]
+
+
+def _variant_scores(
+    variants: tuple[QueryVariant, ...], settings: RunSettings, pipeline: _Pipeline, console: Console
+) -> dict[str, Scores]:
+    """Scores of the row's rankings for each variant (rotated queries, rotation TTA, transductive)."""
+    scores = {}
+    for variant in variants:
+        options = settings.options_for(variant)
+        variant_queries, truth = settings.queries_for(variant)
+        scores[variant.name] = _rank_and_score(
+            pipeline.sets(options, variant_queries), pipeline.weights(options), truth, options
+        )[0]
+        console.print(f"  {variant.name}: rank-1 {scores[variant.name].overall.rank1:.3f}")
+    return scores
 
 
 def _scores_text(protocol: Scores, test_only: Scores) -> str:
@@ -404,7 +501,12 @@ def _result(
     note: str,
     epochs: int | str = "-",
     image_size: int | None = None,
+    rotation: list[dict[str, Scores]] | None = None,
 ) -> RowResult:
+    by_variant: dict[str, tuple[float, ...]] = {}
+    for variant in rotation[0] if rotation else ():
+        by_variant[f"{variant} rank-1"] = tuple(seed[variant].overall.rank1 for seed in rotation)
+        by_variant[f"{variant} mAP@10"] = tuple(seed[variant].overall.map for seed in rotation)
     return RowResult(
         name=spec.name,
         backbone=spec.backbone,
@@ -422,6 +524,7 @@ def _result(
         note=note,
         rank1_test_only=tuple(test_only.overall.rank1 for _, test_only in per_seed),
         map10_test_only=tuple(test_only.overall.map for _, test_only in per_seed),
+        rotation=by_variant,
     )
 
 
@@ -433,8 +536,8 @@ def _test_features(
     options: RetrievalOptions,
 ) -> tuple[FeatureSet, FeatureSet]:
     return (
-        workspace.features(GROCERY_CATEGORY, backbone, queries, options, f"{backbone} test queries"),
-        workspace.features(GROCERY_CATEGORY, backbone, gallery, options, f"{backbone} test gallery"),
+        workspace.side_features("query", GROCERY_CATEGORY, backbone, queries, options, f"{backbone} test"),
+        workspace.side_features("gallery", GROCERY_CATEGORY, backbone, gallery, options, f"{backbone} test"),
     )
 
 
