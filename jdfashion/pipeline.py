@@ -488,22 +488,27 @@ def tune_fusion(
     """
     results: dict[Category, TuneResult] = {}
     for category in categories:
-        val = validation_set(workspace, category)
-        query_features, gallery_features = {}, {}
-        for backbone in workspace.backbones(category, backbones):
-            q, g = extract_validation(workspace, backbone, category, options)
-            # Centring is per model, before the weighted sum, so the scores tuned on include it.
-            query_features[backbone] = domain_centring(q.features, options.centring)
-            gallery_features[backbone] = domain_centring(g.features, options.centring)
-        results[category] = tune_weights(
-            query_features,
-            gallery_features,
-            [r.url for r in val.queries],
-            [r.url for r in val.gallery],
-            val.truth,
-        )
+        sets = {
+            backbone: extract_validation(workspace, backbone, category, options)
+            for backbone in workspace.backbones(category, backbones)
+        }
+        results[category] = tune_on_validation(sets, validation_set(workspace, category), options)
     weights = FusionWeights({category.label: result.weights for category, result in results.items()})
     return weights, results
+
+
+def tune_on_validation(
+    sets: dict[str, tuple[FeatureSet, FeatureSet]], val: ValidationSet, options: RetrievalOptions
+) -> TuneResult:
+    """Fusion weights from each model's validation (query, gallery) features, scored as ``options``
+    rank: views by their best pair, and centring, which acts per model before the weighted sum."""
+    return tune_weights(
+        {model: domain_centring(query.features, options.centring) for model, (query, _) in sets.items()},
+        {model: domain_centring(gallery.features, options.centring) for model, (_, gallery) in sets.items()},
+        [r.url for r in val.queries],
+        [r.url for r in val.gallery],
+        val.truth,
+    )
 
 
 def evaluate_validation(

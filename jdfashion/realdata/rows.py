@@ -29,7 +29,7 @@ from jdfashion.data.jdformat import ImageRef, read_images, read_truth
 from jdfashion.data.loader import ItemDataset, PKBatchSampler, collate, train_transform
 from jdfashion.data.manifest import GROCERY_CATEGORY
 from jdfashion.features import FeatureSet
-from jdfashion.fusion import TuneResult, tune_weights
+from jdfashion.fusion import TuneResult
 from jdfashion.losses import mgpa_losses
 from jdfashion.metrics import Scores, evaluate
 from jdfashion.model.mgpa import create_model
@@ -49,11 +49,11 @@ from jdfashion.pipeline import (
     Workspace,
     extract_validation,
     ranked_lists,
+    tune_on_validation,
     validation_set,
 )
 from jdfashion.realdata.protocol import ROTATED_DIR
 from jdfashion.realdata.table import RowResult, StepTimes
-from jdfashion.rerank import domain_centring
 from jdfashion.search import topk
 from jdfashion.train import build_optimizer, load_training_data, model_config_for, resolved, train
 
@@ -459,13 +459,7 @@ class _Pipeline:
             val_sets = {
                 m: extract_validation(w, b, GROCERY_CATEGORY, options) for m, (w, b) in self.models.items()
             }
-            self._tunings[options] = tune_weights(
-                {m: domain_centring(s[0].features, options.centring) for m, s in val_sets.items()},
-                {m: domain_centring(s[1].features, options.centring) for m, s in val_sets.items()},
-                [r.url for r in val.queries],
-                [r.url for r in val.gallery],
-                val.truth,
-            )
+            self._tunings[options] = tune_on_validation(val_sets, val, options)
         return self._tunings[options]
 
 
