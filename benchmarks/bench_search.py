@@ -1,17 +1,22 @@
-"""Fused top-10 search at the JD test scale: jdfashion (fuse + search.topk) against numpy and faiss.
+"""Fused top-10 search at the JD test scale: jdfashion against faiss, numpy and an fp64 reference.
 
 1000 queries x 154,294 gallery images, four models x 4096-d fp16 features (as the feature cache
 stores them), fused with unequal weights. Variants, each in a fresh process:
 
-* jdfashion: ``fusion.fuse`` (weighted concatenation, fp16) then exact ``search.topk``;
+* jdfashion: ``fusion.fused_topk``, scores fused inside the chunked search, candidates in the
+  precision ``auto`` picks on this machine, certified and re-scored in float64 (the default path);
+* jdfashion, bf16 candidates: the same with ``precision="bf16"`` forced (fast only on CPUs with
+  AVX512-BF16 or AMX);
+* jdfashion before: ``fusion.fuse`` (a fused fp16 copy of the gallery) then ``search.topk``, the
+  path this replaced (now also certified, so its cost is the copy plus the search);
 * numpy: per model the full (Q, G) fp32 score matrix, their weighted sum, a full stable argsort;
 * faiss: ``IndexFlatIP`` per model, top-``faiss_k`` per model, then the per-model lists fused;
-* jdfashion with rotation TTA: the same search with ``TTA_VIEWS`` query views (each query's features
-  at several in-plane angles, here noisy copies), a pair scored by its best view: the cost of each
-  extra angle is (its time - jdfashion's) / (views - 1).
+* jdfashion with rotation TTA: ``TTA_VIEWS`` query views (noisy copies of each query), a pair scored
+  by its best view: the cost of each extra angle is (its time - jdfashion's) / (views - 1).
 
+Recall is measured against an exact float64 fusion computed here by numpy (not by jdfashion's code).
 Every variant does the same 2*Q*G*D*M multiply-adds (faiss too: a flat index is exhaustive), so
-GFLOP/s is comparable and is set against this machine's torch fp32 matmul rate, measured here.
+GFLOP/s is comparable and is set against this machine's torch fp32 and bf16 matmul rates.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import Column, isolated, machine_info, parse_args, write_results
+from common import MIB, Column, isolated, machine_info, parse_args, write_results
 
-from jdfashion.fusion import fuse
-from jdfashion.search import topk
+from jdfashion.fusion import fuse, fused_topk
+from jdfashion.search import candidate_dtype, topk
 
 WEIGHTS = {"densenet169": 0.1, "resnet101": 0.4, "resnet152": 0.3, "resnext101": 0.2}
 MODELS = tuple(sorted(WEIGHTS))
@@ -89,6 +94,11 @@ def load_features(paths: tuple[Path, Path]) -> tuple[dict[str, np.ndarray], dict
     return dict(zip(MODELS, queries, strict=True)), dict(zip(MODELS, gallery, strict=True))
 
 
+def unit_rows64(features: np.ndarray) -> np.ndarray:
+    rows = features.astype(np.float64)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
 def unit_fp32(features: np.ndarray) -> np.ndarray:
     """Unit fp32 rows; einsum forms the squared norms without a second full-size temporary."""
     rows = features.astype(np.float32)
@@ -97,13 +107,29 @@ def unit_fp32(features: np.ndarray) -> np.ndarray:
 
 
 def timed_fused_search(
-    queries: dict[str, torch.Tensor], gallery: dict[str, np.ndarray], k: int
+    queries: dict[str, Any], gallery: dict[str, np.ndarray], k: int, precision: str = "auto"
 ) -> dict[str, Any]:
     started = time.perf_counter()
+    _, indices = fused_topk(queries, gallery, WEIGHTS, k, precision=precision)
+    finished = time.perf_counter()
+    return {"seconds": finished - started, "prepare": 0.0, "search": finished - started, "top": indices}
+
+
+def run_jdfashion(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
+    return timed_fused_search(*load_features(paths), size.k)
+
+
+def run_jdfashion_bf16(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
+    return timed_fused_search(*load_features(paths), size.k, precision="bf16")
+
+
+def run_concatenation(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
+    queries, gallery = load_features(paths)
+    started = time.perf_counter()
     fused_gallery = fuse({m: torch.from_numpy(f) for m, f in gallery.items()}, WEIGHTS)
-    fused_queries = fuse(queries, WEIGHTS)
+    fused_queries = fuse({m: torch.from_numpy(f) for m, f in queries.items()}, WEIGHTS)
     fused = time.perf_counter()
-    _, indices = topk(fused_queries, fused_gallery, k)
+    _, indices = topk(fused_queries, fused_gallery, size.k)
     finished = time.perf_counter()
     return {
         "seconds": finished - started,
@@ -113,25 +139,33 @@ def timed_fused_search(
     }
 
 
-def run_jdfashion(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
-    queries, gallery = load_features(paths)
-    return timed_fused_search({m: torch.from_numpy(f) for m, f in queries.items()}, gallery, size.k)
-
-
 def run_jdfashion_views(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
     queries, gallery = load_features(paths)
     generator = torch.Generator().manual_seed(1)
     views = {  # view 0 is the upright query; the others are perturbed copies, as turned photos are
-        m: torch.stack(
-            [torch.from_numpy(f)]
-            + [
-                torch.from_numpy(unit_noisy(torch.from_numpy(f).float(), VIEW_NOISE, generator))
-                for _ in range(TTA_VIEWS - 1)
-            ]
+        m: np.stack(
+            [f]
+            + [unit_noisy(torch.from_numpy(f).float(), VIEW_NOISE, generator) for _ in range(TTA_VIEWS - 1)]
         )
         for m, f in queries.items()
     }
     return timed_fused_search(views, gallery, size.k)
+
+
+def run_float64(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
+    """The reference: sum_m w_m cos_m in float64 by numpy, gallery in chunks, full stable sort."""
+    queries, gallery = load_features(paths)
+    started = time.perf_counter()
+    total = np.zeros((size.queries, size.gallery), dtype=np.float64)
+    for model in MODELS:
+        query_rows = WEIGHTS[model] * unit_rows64(queries[model])
+        for start in range(0, size.gallery, GENERATION_CHUNK):
+            total[:, start : start + GENERATION_CHUNK] += (
+                query_rows @ unit_rows64(gallery[model][start : start + GENERATION_CHUNK]).T
+            )
+    top = np.argsort(-total, axis=1, kind="stable")[:, : size.k]
+    finished = time.perf_counter()
+    return {"seconds": finished - started, "prepare": 0.0, "search": finished - started, "top": top}
 
 
 def run_numpy(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
@@ -199,9 +233,13 @@ def run_faiss(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
     }
 
 
-def matmul_gflops(matrix_size: int, repeats: int = 3) -> float:
-    """This machine's fp32 GEMM rate through torch (best of ``repeats`` after one warm-up)."""
-    left, right = torch.randn(matrix_size, matrix_size), torch.randn(matrix_size, matrix_size)
+def matmul_gflops(matrix_size: int, dtype: str = "float32", repeats: int = 3) -> float:
+    """This machine's GEMM rate through torch in ``dtype`` (best of ``repeats`` after one warm-up)."""
+    kind = getattr(torch, dtype)
+    left, right = (
+        torch.randn(matrix_size, matrix_size).to(kind),
+        torch.randn(matrix_size, matrix_size).to(kind),
+    )
     torch.mm(left, right)
     best = float("inf")
     for _ in range(repeats):
@@ -219,7 +257,13 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 VARIANTS = (
-    ("jdfashion", "jdfashion: fuse (fp16 concatenation) + search.topk", run_jdfashion),
+    (
+        "jdfashion",
+        "jdfashion: fused_topk (fused in the chunk loop, {auto} candidates, fp64 re-score)",
+        run_jdfashion,
+    ),
+    ("bf16", "jdfashion: fused_topk with bf16 candidates forced", run_jdfashion_bf16),
+    ("concatenation", "jdfashion before: fuse (fp16 copy of the gallery) + search.topk", run_concatenation),
     ("numpy", "numpy: full fp32 score matrix per model + weighted sum + full argsort", run_numpy),
     ("faiss", "faiss-cpu: IndexFlatIP per model, top-{faiss_k} each, lists fused", run_faiss),
     (
@@ -227,6 +271,7 @@ VARIANTS = (
         f"jdfashion with rotation TTA: {TTA_VIEWS} query views, best view per pair",
         run_jdfashion_views,
     ),
+    ("float64", "reference: numpy float64 fusion, full stable sort", run_float64),
 )
 
 
@@ -234,7 +279,9 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     size = QUICK if args.quick else FULL
     machine = machine_info()
-    matmul_before, matmul_peak_rss = isolated(matmul_gflops, size.matmul_size)
+    rates_before = {
+        dtype: isolated(matmul_gflops, size.matmul_size, dtype)[0] for dtype in ("float32", "bfloat16")
+    }
     flops = 2 * size.queries * size.gallery * size.dim * len(MODELS)
     with tempfile.TemporaryDirectory(prefix="jdfashion-bench-search-") as scratch:
         started = time.perf_counter()
@@ -245,67 +292,69 @@ def main() -> None:
             print(f"running {key} ...", flush=True)
             outcomes[key] = isolated(function, size, paths)
     # Measured before and after: on a shared machine the higher one is nearer what the CPU can do.
-    matmul_after = isolated(matmul_gflops, size.matmul_size)[0]
-    peak_gflops = max(matmul_before, matmul_after)
-    exact = outcomes["jdfashion"][0]["top"]
-    numpy_top = outcomes["numpy"][0]["top"]
+    rates_after = {dtype: isolated(matmul_gflops, size.matmul_size, dtype)[0] for dtype in rates_before}
+    peak = {dtype: max(rates_before[dtype], rates_after[dtype]) for dtype in rates_before}
+    exact = outcomes["float64"][0]["top"]
+    feature_mib = (size.queries + size.gallery) * size.dim * len(MODELS) * 2 / MIB
+    auto = str(candidate_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     rows = []
     for key, label, _ in VARIANTS:
         result, peak_rss = outcomes[key]
         views = key == "views"  # V times the products, and a different (best-view) ranking
-        work = flops * (TTA_VIEWS if views else 1)
+        rate = flops * (TTA_VIEWS if views else 1) / result["seconds"] / 1e9
         rows.append(
             {
-                "variant": label.format(faiss_k=size.faiss_k),
+                "variant": label.format(faiss_k=size.faiss_k, auto=auto),
                 "seconds": result["seconds"],
                 "prepare": result["prepare"],
                 "search": result["search"],
-                "vs_jdfashion": result["seconds"] / outcomes["jdfashion"][0]["seconds"],
-                "gflops": work / result["seconds"] / 1e9,
-                "of_peak": work / result["seconds"] / 1e9 / peak_gflops,
+                "vs_faiss": result["seconds"] / outcomes["faiss"][0]["seconds"],
+                "gflops": rate,
+                "of_fp32": rate / peak["float32"],
+                "of_bf16": rate / peak["bfloat16"],
                 "peak_rss_mib": peak_rss,
-                "recall_vs_jdfashion": None if views else recall_at_k(result["top"], exact),
-                "recall_vs_numpy": None if views else recall_at_k(result["top"], numpy_top),
+                "rss_vs_features": peak_rss / feature_mib,
+                "recall": None if views else recall_at_k(result["top"], exact),
             }
         )
     per_angle = (outcomes["views"][0]["seconds"] - outcomes["jdfashion"][0]["seconds"]) / (TTA_VIEWS - 1)
-    feature_mib = (size.queries + size.gallery) * size.dim * len(MODELS) * 2 / (1 << 20)
     columns = [
         Column("variant", "variant"),
         Column("seconds", "total s", ".2f"),
         Column("prepare", "normalise / fuse / index s", ".2f"),
         Column("search", "score + top-k s", ".2f"),
-        Column("vs_jdfashion", "time / jdfashion", ".2f"),
+        Column("vs_faiss", "time / faiss", ".2f"),
         Column("gflops", "GFLOP/s", ".1f"),
-        Column("of_peak", "of fp32 matmul rate", ".0%"),
+        Column("of_fp32", "of fp32 matmul rate", ".0%"),
+        Column("of_bf16", "of bf16 matmul rate", ".0%"),
         Column("peak_rss_mib", "peak RSS MiB", ",.0f"),
-        Column("recall_vs_jdfashion", "recall@10 vs jdfashion", ".4f"),
-        Column("recall_vs_numpy", "recall@10 vs numpy", ".4f"),
+        Column("rss_vs_features", "peak RSS / features", ".2f"),
+        Column("recall", "recall@10 vs float64", ".4f"),
     ]
     notes = [
-        f"torch fp32 matmul rate on this machine: {peak_gflops:.1f} GFLOP/s ({size.matmul_size}x"
-        f"{size.matmul_size} torch.mm, best of 3 in a process of its own, before the variants: "
-        f"{matmul_before:.1f}, after: {matmul_after:.1f}; the higher is used).",
-        f"Work per variant: {flops / 1e12:.2f} TFLOP (2*Q*G*D*M). Peak RSS includes the loaded fp16 "
-        f"features ({feature_mib:,.0f} MiB) and the interpreter with torch imported; each variant ran in a "
-        "fresh process.",
-        "Times exclude loading the features. Prepare: fp16 to unit fp32 (jdfashion: fuse; faiss: also "
-        "building the index). Search: scores and top-k (jdfashion's topk normalises its chunks again; "
-        "faiss: also fusing the lists).",
+        f"torch matmul rates on this machine ({size.matmul_size}x{size.matmul_size} torch.mm, best of 3 in a "
+        f"process of its own, before and after the variants, the higher used): fp32 {peak['float32']:.1f} "
+        f"GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s. `precision='auto'` chose {auto} candidates here "
+        "(bf16 only on CPUs with AVX512-BF16 or AMX).",
+        f"Work per variant: {flops / 1e12:.2f} TFLOP (2*Q*G*D*M). Peak RSS includes the loaded fp16 features "
+        f"({feature_mib:,.0f} MiB, the 'features' of the ratio column) and the interpreter with torch "
+        "imported; each variant ran in a fresh process.",
+        "Times exclude loading the features. Prepare: fp16 to unit fp32 (jdfashion before: the fused copy; "
+        "faiss: also building the index). jdfashion's fused_topk has no separate preparation: it converts "
+        "each gallery chunk inside the loop.",
         f"faiss fusion: the union of the per-model top-{size.faiss_k} lists is ranked by the weighted score "
         "sum; a model whose list lacks a candidate contributes its list's last score (an upper bound on the "
         "missing one).",
-        "Exact variants may differ in a few places: jdfashion stores the fused features in fp16, so scores "
-        "closer than fp16 rounding can swap (recall@10 vs numpy shows how often).",
+        "Recall is against the float64 reference row (numpy, independent of jdfashion's search code).",
         f"Features: random, unit, fp16; model m = unit(z + {MODEL_NOISE}*e_m), query latent = its target's "
         f"z + {QUERY_NOISE}*noise. Weights {WEIGHTS}. Generating them took {generation_seconds:.0f} s "
         "(not timed).",
         f"Rotation TTA: each extra query angle costs {per_angle:.2f} s of search here "
-        f"({per_angle / outcomes['jdfashion'][0]['search']:.2f}x jdfashion's one-view score + top-k), "
+        f"({per_angle / outcomes['jdfashion'][0]['search']:.2f}x jdfashion's one-view search), "
         f"plus one extraction of the {size.queries} queries at that angle (bench_extraction.py's "
         "rotated-view row). The "
         f"{TTA_VIEWS}-view row's GFLOP/s counts its {TTA_VIEWS}x products; its ranking is a different one "
-        "(best view per pair), so it has no recall against the one-view result.",
+        "(best view per pair), so it has no recall against the one-view reference.",
     ]
     write_results(
         "search",
@@ -317,9 +366,8 @@ def main() -> None:
         parameters={**asdict(size), "models": len(MODELS)},
         notes=notes,
         details={
-            "matmul_gflops_before": matmul_before,
-            "matmul_gflops_after": matmul_after,
-            "matmul_peak_rss_mib": matmul_peak_rss,
+            "matmul_gflops_before": rates_before,
+            "matmul_gflops_after": rates_after,
             "flops": flops,
             "feature_mib": feature_mib,
             "weights": WEIGHTS,
@@ -328,6 +376,7 @@ def main() -> None:
             "generation_seconds": generation_seconds,
             "tta_views": TTA_VIEWS,
             "seconds_per_extra_angle": per_angle,
+            "auto_precision": auto,
         },
     )
 

@@ -1,7 +1,8 @@
 """Score-level fusion of several backbones, S = sum_m w_m * cos_m(q, g), with weights per category.
 
-With unit per-model features, concatenating sqrt(w_m) * f_m makes one dot product equal that
-weighted sum (:func:`fuse`), so a fused search is one exact search and needs no score matrices.
+:func:`fused_topk` forms that sum inside the chunked search from each model's own cached features
+(no fused copy of the gallery). Re-ranking methods need one vector per image: for them :func:`fuse`
+concatenates sqrt(w_m) * unit(f_m), whose dot products are the same weighted sum.
 
 Weight specs (``parse_weights``): ``model=weight`` pairs separated by ``,``; an optional
 ``category:`` prefix scopes a group to one category (clothes/bags/shoes, or 0/1/2); groups are
@@ -31,7 +32,7 @@ from scipy.optimize import differential_evolution
 from jdfashion.atomic import atomic_write_text
 from jdfashion.data.jdformat import Category
 from jdfashion.metrics import ApNorm, average_precision, rank1, truth_matrix
-from jdfashion.search import Features, is_half, rank_rows, unit_rows, views
+from jdfashion.search import Features, Member, is_half, rank_rows, search, unit_rows, views
 
 DEFAULT = "*"
 FORMAT = "jdfashion-fusion-weights"
@@ -162,6 +163,37 @@ def parse_weights(spec: str) -> FusionWeights:
     return FusionWeights(by_category)
 
 
+def weighted_models(features: Mapping[str, Features], weights: Mapping[str, float]) -> list[str]:
+    """The models with a positive weight, sorted, each with features; errors name what is missing."""
+    models = sorted(model for model, weight in weights.items() if weight > 0)
+    if any(weight < 0 or not math.isfinite(weight) for weight in weights.values()):
+        raise ValueError(f"weights must be finite and >= 0, got {dict(weights)}")
+    if not models:
+        raise ValueError("no model has a positive weight")
+    missing = [model for model in models if model not in features]
+    if missing:
+        raise ValueError(
+            f"no features for model(s) {', '.join(missing)} (have {', '.join(sorted(features))})"
+        )
+    return models
+
+
+def fused_topk(
+    query_features: Mapping[str, Features],
+    gallery_features: Mapping[str, Features],
+    weights: Mapping[str, float],
+    k: int,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by sum_m w_m cos_m(q, g), fused chunk by chunk inside the search
+    (:func:`jdfashion.search.search`): no fused copy of the gallery, the same ranking as
+    ``topk(fuse(queries), fuse(gallery))`` without its fp16 rounding. ``options`` as for the search."""
+    models = weighted_models(query_features, weights)
+    weighted_models(gallery_features, weights)
+    members = [Member(query_features[m], gallery_features[m], weights[m]) for m in models]
+    return search(members, k, **options)
+
+
 def fuse(features: Mapping[str, Features], weights: Mapping[str, float]) -> torch.Tensor:
     """Concatenate sqrt(w_m) * unit(f_m) over the models with w_m > 0, in sorted model order.
 
@@ -180,16 +212,7 @@ def fuse(features: Mapping[str, Features], weights: Mapping[str, float]) -> torc
                 for view in range(view_counts.pop())
             ]
         )
-    models = sorted(model for model, weight in weights.items() if weight > 0)
-    if any(weight < 0 or not math.isfinite(weight) for weight in weights.values()):
-        raise ValueError(f"weights must be finite and >= 0, got {dict(weights)}")
-    if not models:
-        raise ValueError("no model has a positive weight")
-    missing = [model for model in models if model not in features]
-    if missing:
-        raise ValueError(
-            f"no features for model(s) {', '.join(missing)} (have {', '.join(sorted(features))})"
-        )
+    models = weighted_models(features, weights)
     rows = {len(features[model]) for model in models}
     if len(rows) != 1 or any(features[model].ndim != 2 for model in models):
         raise ValueError("every model's features must be (N, D) with the same N")

@@ -28,7 +28,7 @@ from jdfashion.features import (
     predicted_categories,
     stack_views,
 )
-from jdfashion.fusion import FusionWeights, TuneResult, fuse, tune_weights
+from jdfashion.fusion import FusionWeights, TuneResult, fuse, fused_topk, tune_weights
 from jdfashion.metrics import Scores, evaluate
 from jdfashion.paths import (
     MODEL_CONFIG,
@@ -443,20 +443,8 @@ def extract_test(
     )
 
 
-def ranked_lists(
-    query_sets: dict[str, FeatureSet],
-    gallery_sets: dict[str, FeatureSet],
-    weights: dict[str, float],
-    options: RetrievalOptions,
-    k: int = TOP_K,
-) -> dict[str, list[str]]:
-    """Fused exact top-k per query: one search over the weighted concatenation of the models' features.
-
-    Query views (rotation TTA) are expanded view by view; k-reciprocal re-ranking builds one graph, so
-    it takes each query's best view (the one whose nearest gallery item scores highest)."""
-    models = [name for name, weight in weights.items() if weight > 0]
-    queries = fuse({m: domain_centring(query_sets[m].features, options.centring) for m in models}, weights)
-    gallery = fuse({m: domain_centring(gallery_sets[m].features, options.centring) for m in models}, weights)
+def _reranked(queries: torch.Tensor, gallery: torch.Tensor, options: RetrievalOptions, k: int) -> np.ndarray:
+    """Top-k gallery rows after the re-ranking options, on fused vectors, in their fixed order."""
     if options.database_augmentation:
         gallery = database_augmentation(gallery)
     if options.query_augmentation:
@@ -466,9 +454,38 @@ def ranked_lists(
         expanded = [query_expansion(view, gallery) for view in views(queries)]
         queries = torch.stack(expanded) if queries.ndim == 3 else expanded[0]
     if options.k_reciprocal:
-        _, indices = k_reciprocal_rerank(best_view(queries, gallery), gallery, top=k)
+        return k_reciprocal_rerank(best_view(queries, gallery), gallery, top=k)[1]
+    return topk(queries, gallery, k)[1]
+
+
+def ranked_lists(
+    query_sets: dict[str, FeatureSet],
+    gallery_sets: dict[str, FeatureSet],
+    weights: dict[str, float],
+    options: RetrievalOptions,
+    k: int = TOP_K,
+) -> dict[str, list[str]]:
+    """Fused exact top-k per query.
+
+    Without re-ranking the models' scores are fused inside the chunked search (no fused copy of the
+    gallery). Re-ranking needs one vector per image, so it works on the weighted concatenation
+    (:func:`fuse`). Query views (rotation TTA) are expanded view by view; k-reciprocal re-ranking
+    builds one graph, so it takes each query's best view (the one whose nearest gallery item scores
+    highest)."""
+    models = [name for name, weight in weights.items() if weight > 0]
+    query_features = {m: domain_centring(query_sets[m].features, options.centring) for m in models}
+    gallery_features = {m: domain_centring(gallery_sets[m].features, options.centring) for m in models}
+    width = min(k, len(gallery_sets[models[0]].ids))
+    reranking = (
+        options.database_augmentation
+        or options.query_augmentation
+        or options.query_expansion
+        or options.k_reciprocal
+    )
+    if not reranking:
+        _, indices = fused_topk(query_features, gallery_features, weights, width)
     else:
-        _, indices = topk(queries, gallery, min(k, len(gallery)))
+        indices = _reranked(fuse(query_features, weights), fuse(gallery_features, weights), options, width)
     query_ids = query_sets[models[0]].ids
     gallery_ids = gallery_sets[models[0]].ids
     return {

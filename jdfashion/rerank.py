@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from jdfashion.search import DEFAULT_CHUNK_SIZE, Features, is_half, rank_rows, topk, unit_rows, views
+from jdfashion.search import Features, is_half, rank_rows, topk, unit_rows, views
 
 CPU = torch.device("cpu")
 NODE_BATCH = 8192
@@ -34,7 +34,7 @@ class _JointGraph:
         queries: Features,
         gallery: Features,
         length: int,
-        chunk_size: int,
+        chunk_size: int | None,
         device: str | torch.device | None,
     ) -> None:
         self.queries, self.gallery = queries, gallery
@@ -148,7 +148,7 @@ def k_reciprocal_rerank(
     lambda_value: float = 0.3,
     candidates: int = 100,
     top: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Zhong et al. (CVPR 2017) k-reciprocal re-ranking of each query's top ``candidates``, sparsely.
@@ -230,7 +230,7 @@ def query_expansion(
     *,
     top_n: int = 5,
     alpha: float = 3.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """alpha-QE (Radenovic et al.): each query plus its top ``top_n`` gallery neighbours, weighted
@@ -252,7 +252,7 @@ def database_augmentation(
     *,
     top_n: int = 5,
     alpha: float = 3.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """DBA: every gallery item becomes itself plus its top ``top_n`` other gallery items weighted by

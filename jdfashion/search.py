@@ -1,44 +1,82 @@
-"""Exact cosine top-k over a gallery too large for one score matrix.
+"""Exact cosine top-k over a gallery too large for one score matrix, one model or several fused.
 
 The test gallery is 154,294 images x 4096-d per model (1.26 GB in fp16); a full 1000 x 154k fp32
 score matrix would be another 0.6 GB per model and the gallery-gallery one (for re-ranking) 95 GB.
-So the gallery is walked in chunks and each query keeps a running top-k. Beyond the features
-themselves, peak memory is about
+So the gallery is walked in chunks and each query keeps a running list of candidates.
 
-    6*C*D + 4*Q*D + 12*Qc*(C + k) + 12*Q*k bytes
+Score-level fusion happens inside that loop: a search has one or more :class:`Member` s (a model's
+query and gallery features and its weight), and a pair's score is sum_m w_m * cos_m(q, g), formed
+chunk by chunk from each model's own cached rows, so no fused copy of the gallery is ever built.
 
-(an fp16 gather and the fp32 copy of one gallery chunk, the fp32 queries, one query chunk's scores
-with the running lists, the running lists) for gallery chunk C (``chunk_size``), query chunk Qc
-(``query_chunk_size``), dimension D and Q queries: with the defaults (C = 8192, Qc = 1024) and
-D = 4096 about 0.3 GB, whatever the gallery size (measured: 0.5 GB peak growth with allocator
-overhead, 10.5 s on 2 CPU cores, for 1000 x 154,294 x 4096 fp16). V query views (below) add
-4*(V-1)*Q*D + 4*Qc*C bytes.
+Two passes make it fast and exact:
 
-Features may be fp16 or fp32, numpy (memory-mapped files too) or torch; every chunk is converted
-to unit-norm fp32 on the compute device (fp16 matmul on CPU is slow, and a whole fp32 copy would
-double the memory).
+1. **Candidates**, in the fastest precision the device multiplies well (``precision="auto"``: fp16
+   on CUDA, bf16 on a CPU with native bf16 matrix units, i.e. AVX512-BF16 or AMX, fp32 elsewhere),
+   keep the best ``k + margin`` gallery items per query.
+2. **Exact re-score** of those candidates in float64, ranked best first with equal scores ordered by
+   the lower gallery index.
 
-Ties are broken by the lower gallery index, so a ranking never depends on chunk sizes or on
-torch.topk's unspecified order among equal values.
+The answer is certified per query: the pass's error on any pair is at most a bound ``delta`` derived
+from the precision's unit roundoff and the dimensions (:func:`error_bound`: rounding of the unit
+rows, fp32 accumulation, rounding of the output), so every true top-k item scores within
+``2 delta`` of the approximate k-th score; only that window is re-scored (for fp32 candidates
+usually k or k + 1 items). When the candidate list reaches below the window, nothing left out can
+enter the top-k, and the top-k equals a float64 search. Queries where it does not (more than
+``margin`` near-ties) are searched again in the next precision (fp32, then float64, exact by
+construction). So the result never depends on the precision, the chunk sizes, or torch.topk's
+order among equal values.
+
+Beyond the features themselves, peak memory is about one gallery chunk of every member and view
+(``chunk_size`` rows, by default ``DEFAULT_CHUNK_ELEMENTS`` values: 134 MB in fp32, plus its copy in
+the candidate precision), the queries in fp32, and per query chunk (``query_chunk_size``) two score
+blocks and the running lists: with the defaults about 0.4 GB, whatever the gallery size.
+
+Features may be fp16 or fp32, numpy (memory-mapped files too) or torch; every chunk is converted to
+unit rows on the compute device (a whole fp32 copy would double the memory).
 
 Queries may come as views (V, Q, D), e.g. each query photo turned to several in-plane angles
-(rotation TTA), and so may the gallery (V, G, D): a pair's score is then the best over every pair
-of views, max_(u,v) q_u . g_v, taken per gallery chunk, so views cost products but only one extra
-chunk of scores, never a (V, Q, G) matrix; with gallery views the chunk shrinks to ``C / V`` rows,
-so the gallery views of a chunk together take what one chunk did.
+(rotation TTA), and so may the gallery (V, G, D): a pair's score is then the best over every pair of
+views of the fused score, max_(u,v) sum_m w_m q_mu . g_mv, taken per gallery chunk, so views cost
+products but never a (V, Q, G) matrix.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 Features = np.ndarray | torch.Tensor
 
-DEFAULT_CHUNK_SIZE = 8192
+DEFAULT_CHUNK_ELEMENTS = 8192 * 4096
 DEFAULT_QUERY_CHUNK_SIZE = 1024
+DEFAULT_MARGIN = 32
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RESCORE_ROWS = 8192  # gathered candidate rows per re-score step (fp64: 268 MB at D = 4096)
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+# The precision ladder: a query the candidate pass cannot certify is searched again one step up.
+NEXT_PRECISION = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.float32: torch.float64}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of a fused search: its (Q, D) or (V, Q, D) queries, (G, D) or (V, G, D) gallery, weight."""
+
+    queries: Features
+    gallery: Features
+    weight: float = 1.0
 
 
 def rank_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,16 +102,21 @@ def is_half(features: Features) -> bool:
     return features.dtype == (torch.float16 if isinstance(features, torch.Tensor) else np.float16)
 
 
-def unit_rows(features: Features, rows: np.ndarray, device: torch.device, what: str) -> torch.Tensor:
-    """``features[rows]`` as unit fp32 rows on ``device``; a non-finite row is an error, not a mismatch."""
+def unit_rows(
+    features: Features, rows: np.ndarray, device: torch.device, what: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``features[rows]`` as unit rows (fp32 or fp64) on ``device``; a non-finite row is an error."""
     # Increasing row numbers without gaps (every ungrouped search) are read as a slice: no gather copy.
     contiguous = len(rows) > 0 and int(rows[-1]) - int(rows[0]) + 1 == len(rows)
     index = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
     if isinstance(features, torch.Tensor):
         selected = features[index if contiguous else torch.from_numpy(rows).to(features.device)]
-        block = selected.to(device=device, dtype=torch.float32, copy=True)
-    else:
-        block = torch.from_numpy(np.array(features[index], dtype=np.float32)).to(device)
+        block = selected.to(device=device, dtype=dtype, copy=True)
+    else:  # torch converts fp16 about twice as fast as numpy's astype; a slice needs no gather copy
+        selected = features[index]
+        if not selected.flags.writeable:  # torch refuses to wrap read-only (memory-mapped) arrays
+            selected = np.array(selected)
+        block = torch.from_numpy(selected).to(device=device, dtype=dtype, copy=True)
     # ``block`` is a fresh copy, so normalising in place touches no caller data.
     norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
     finite = torch.isfinite(norms).squeeze(1)
@@ -98,95 +141,300 @@ def best_view(queries: Features, gallery: Features) -> Features:
     return torch.as_tensor(queries)[choice, torch.arange(queries.shape[1])]
 
 
-def _search(
-    queries: Features,
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs where bf16 matrix products beat fp32 (elsewhere they are slower)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def candidate_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The candidate pass's precision: ``auto`` picks what the device multiplies fastest."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def error_bound(members: Sequence[Member], dtype: torch.dtype) -> float:
+    """An upper bound on |approximate - exact| fused score of any pair in a ``dtype`` pass.
+
+    Per member, with unit roundoffs u (``dtype``), u_n (the normalisation: fp32, or fp64 in a fp64
+    pass) and u_a (accumulation: fp32, or fp64): query rows carry relative error e_q <= 4 u_n + 2 u
+    (normalising, scaling by the weight, rounding to ``dtype``), gallery rows e_g <= 3 u_n + u, so by
+    Cauchy-Schwarz the product of unit rows is off by at most e_q + e_g + e_q e_g; summing D products
+    in any order adds gamma_D = D u_a / (1 - D u_a) (Higham, Accuracy and Stability, 3.1); the output
+    is rounded to ``dtype`` (u), and the members' scores are summed in u_a. 5 % on top for the
+    constants' own rounding.
+    """
+    u = UNIT_ROUNDOFF[dtype]
+    u_n = u_a = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
+    total = 0.0
+    for member in members:
+        dim = member.queries.shape[-1]
+        e_q, e_g = 4 * u_n + 2 * u, 3 * u_n + u
+        growth = (1 + e_q) * (1 + e_g)
+        gamma = dim * u_a / (1 - dim * u_a)
+        total += member.weight * ((e_q + e_g + e_q * e_g) + gamma * growth + u * growth * (1 + gamma))
+    weights = sum(member.weight for member in members)
+    return 1.05 * (total + len(members) * u_a * 1.1 * weights)
+
+
+@contextlib.contextmanager
+def _full_precision_matmuls(device: torch.device) -> Iterator[None]:
+    """No TF32 and no reduced-precision split-K sums on CUDA: the error bound assumes fp32 sums."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    saved = {name: getattr(matmul, name) for name in names}
+    try:
+        for name in names:
+            setattr(matmul, name, False)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(matmul, name, value)
+
+
+def _rows_in(
+    features: Features,
+    rows: np.ndarray,
+    device: torch.device,
+    what: str,
+    dtype: torch.dtype,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Unit rows (normalised in fp32, or fp64 for a fp64 pass), times ``scale``, in ``dtype``."""
+    block = unit_rows(
+        features, rows, device, what, torch.float64 if dtype == torch.float64 else torch.float32
+    )
+    if scale != 1.0:
+        block.mul_(scale)
+    return block.to(dtype)
+
+
+def _candidates(
+    members: Sequence[Member],
     query_rows: np.ndarray,
-    gallery: Features,
     gallery_rows: np.ndarray,
-    k: int,
+    width: int,
     chunk_size: int,
     query_chunk_size: int,
     device: torch.device,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of ``gallery[gallery_rows]`` for ``queries[query_rows]``; indices are gallery row numbers."""
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` best gallery rows per query by the ``dtype`` fused score: (Q, width) scores and rows."""
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
     query_starts = range(0, len(query_rows), query_chunk_size)
-    best_scores = [torch.empty((0,), device=device)] * len(query_starts)
-    best_ids = [torch.empty((0,), dtype=torch.int64, device=device)] * len(query_starts)
-    query_views = views(queries)
-    query_blocks = [
+    query_blocks = [  # [slot][member][view]
         [
-            unit_rows(view, query_rows[start : start + query_chunk_size], device, "query")
-            for view in query_views
+            [
+                _rows_in(
+                    view, query_rows[start : start + query_chunk_size], device, "query", dtype, member.weight
+                )
+                for view in views(member.queries)
+            ]
+            for member in members
         ]
         for start in query_starts
     ]
-    gallery_views = views(gallery)
-    chunk_size = max(1, chunk_size // len(gallery_views))
+    best_scores = [torch.empty((0,), device=device)] * len(query_starts)
+    best_ids = [torch.empty((0,), dtype=torch.int64, device=device)] * len(query_starts)
     for start in range(0, len(gallery_rows), chunk_size):
         rows = gallery_rows[start : start + chunk_size]
-        blocks = [unit_rows(view, rows, device, "gallery") for view in gallery_views]
+        blocks = [
+            [_rows_in(view, rows, device, "gallery", dtype) for view in views(m.gallery)] for m in members
+        ]
         block_ids = torch.from_numpy(rows).to(device)
-        for slot, view_blocks in enumerate(query_blocks):
-            pairs = itertools.product(view_blocks, blocks)
-            query_block, block = next(pairs)
-            scores = query_block @ block.T
-            for query_block, block in pairs:
-                torch.maximum(scores, query_block @ block.T, out=scores)
+        for slot, member_blocks in enumerate(query_blocks):
+            scores = None
+            for gallery_view in range(len(blocks[0])):
+                for query_view in range(len(member_blocks[0])):
+                    fused = torch.zeros(
+                        (len(member_blocks[0][0]), len(rows)), dtype=accumulate, device=device
+                    )
+                    for queries, gallery in zip(member_blocks, blocks, strict=True):
+                        if dtype == accumulate:
+                            fused.addmm_(queries[query_view], gallery[gallery_view].T)
+                        else:  # a low-precision product, summed in fp32
+                            fused.add_(queries[query_view] @ gallery[gallery_view].T)
+                    scores = fused if scores is None else torch.maximum(scores, fused, out=scores)
+            assert scores is not None
             # Running entries come first and hold lower gallery rows, so column order is row order.
             if start:
                 scores = torch.cat([best_scores[slot], scores], dim=1)
                 ids = torch.cat([best_ids[slot], block_ids.expand(len(scores), -1)], dim=1)
             else:
                 ids = block_ids.expand(len(scores), -1)
-            best_scores[slot], columns = rank_rows(scores, min(k, scores.shape[1]))
+            best_scores[slot], columns = rank_rows(scores, min(width, scores.shape[1]))
             best_ids[slot] = ids.gather(1, columns)
-    return (
-        torch.cat(best_scores).cpu().numpy().astype(np.float32, copy=False),
-        torch.cat(best_ids).cpu().numpy().astype(np.int64, copy=False),
-    )
+    return torch.cat(best_scores), torch.cat(best_ids)
+
+
+def _exact_scores(
+    members: Sequence[Member],
+    query_rows: np.ndarray,
+    candidates: torch.Tensor,
+    counts: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """float64 fused scores of each query's first ``counts`` candidates, (Q, width); -inf after them."""
+    out = torch.full(candidates.shape, -math.inf, dtype=torch.float64, device=device)
+    step = max(1, RESCORE_ROWS // max(1, int(counts.max())))
+    for start in range(0, len(query_rows), step):
+        rows = query_rows[start : start + step]
+        width = int(counts[start : start + step].max())
+        ids = candidates[start : start + step, :width].cpu().numpy().ravel()
+        best = None
+        for member in members:
+            gathered = [
+                unit_rows(view, ids, device, "gallery", torch.float64).view(len(rows), width, -1)
+                for view in views(member.gallery)
+            ]
+            queries = [
+                unit_rows(view, rows, device, "query", torch.float64) for view in views(member.queries)
+            ]
+            pairs = torch.stack([(g @ q.unsqueeze(2)).squeeze(2) for g in gathered for q in queries])
+            best = member.weight * pairs if best is None else best.add_(pairs, alpha=member.weight)
+        assert best is not None
+        out[start : start + len(rows), :width] = best.amax(dim=0)
+    inside = torch.arange(candidates.shape[1], device=device) < counts.unsqueeze(1)
+    return out.masked_fill_(~inside, -math.inf)
+
+
+def _search(
+    members: Sequence[Member],
+    query_rows: np.ndarray,
+    gallery_rows: np.ndarray,
+    k: int,
+    chunk_size: int,
+    query_chunk_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    margin: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact fused top-k of ``gallery_rows`` for ``query_rows``.
+
+    With approximate scores a ~ s, |a - s| <= delta, the true top-k all have a >= a_k - 2 delta (a_k:
+    the approximate k-th), so re-scoring that window of the candidate list in float64 finds them.
+    It is certain when the list reaches below the window (its last score is under a_k - 2 delta, so
+    every item left out is outside it too); otherwise the query is searched in the next precision.
+    """
+    width = min(len(gallery_rows), k + margin)
+    with _full_precision_matmuls(device):
+        approximate, candidates = _candidates(
+            members, query_rows, gallery_rows, width, chunk_size, query_chunk_size, device, dtype
+        )
+    approximate = approximate.to(torch.float64)
+    threshold = approximate[:, k - 1] - 2 * error_bound(members, dtype)
+    counts = (approximate >= threshold.unsqueeze(1)).sum(dim=1)  # a prefix: the list is sorted
+    exact = _exact_scores(members, query_rows, candidates, counts, device)
+    # Best first, equal scores by the lower gallery row: sort by row, then stably by score.
+    by_row = torch.argsort(candidates, dim=1)
+    exact, candidates = exact.gather(1, by_row), candidates.gather(1, by_row)
+    by_score = torch.sort(exact, dim=1, descending=True, stable=True).indices[:, :k]
+    scores, ids = exact.gather(1, by_score), candidates.gather(1, by_score)
+    if width < len(gallery_rows) and dtype != torch.float64:
+        uncertain = (counts == width).cpu().numpy()
+        if uncertain.any():
+            again = _search(
+                members,
+                query_rows[uncertain],
+                gallery_rows,
+                k,
+                chunk_size,
+                query_chunk_size,
+                device,
+                NEXT_PRECISION[dtype],
+                margin,
+            )
+            scores[torch.from_numpy(uncertain)] = torch.from_numpy(again[0]).to(scores)
+            ids[torch.from_numpy(uncertain)] = torch.from_numpy(again[1]).to(ids)
+    return scores.cpu().numpy().astype(np.float32), ids.cpu().numpy().astype(np.int64, copy=False)
 
 
 def topk(
     queries: Features,
     gallery: Features,
     k: int,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-``k`` of one model: :func:`search` with a single member of weight 1."""
+    return search([Member(queries, gallery)], k, **options)
+
+
+def search(
+    members: Sequence[Member],
+    k: int,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
     query_groups: np.ndarray | None = None,
     gallery_groups: np.ndarray | None = None,
     device: str | torch.device | None = None,
+    precision: str = "auto",
+    margin: int = DEFAULT_MARGIN,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-``k``: (Q, k) float32 scores and (Q, k) int64 gallery indices, best first.
+    """Exact fused top-``k``: (Q, k) float32 scores and (Q, k) int64 gallery indices, best first.
 
-    ``queries`` is (Q, D) or (V, Q, D), ``gallery`` (G, D) or (V, G, D): views of each image, a pair
-    scored by its best pair of views.
+    Each member's ``queries`` is (Q, D) or (V, Q, D), its ``gallery`` (G, D) or (V, G, D): views of each
+    image, a pair scored by its best pair of views. ``chunk_size`` (gallery rows per chunk) defaults
+    to ``DEFAULT_CHUNK_ELEMENTS`` values over every member and view; ``precision`` and ``margin`` set
+    the candidate pass (module docstring), never the result.
 
     With ``query_groups`` / ``gallery_groups`` (e.g. predicted categories) a query ranks only the
     gallery items of its own group, searched group by group so other groups cost nothing. When its
     group has fewer than ``k`` items, the remaining places go to the best items of the other groups,
     after all of its own group's items: a submission needs exactly ``k`` distinct ids.
     """
-    if queries.ndim not in (2, 3) or gallery.ndim not in (2, 3) or queries.shape[-1] != gallery.shape[-1]:
-        raise ValueError(
-            "need (Q, D) or (V, Q, D) queries and (G, D) or (V, G, D) gallery, "
-            f"got {tuple(queries.shape)} and {tuple(gallery.shape)}"
-        )
-    num_queries, gallery_size = queries.shape[-2], gallery.shape[-2]
+    if not members:
+        raise ValueError("a search needs at least one member")
+    first = members[0]
+    for member in members:
+        queries, gallery = member.queries, member.gallery
+        if queries.ndim not in (2, 3) or gallery.ndim not in (2, 3) or queries.shape[-1] != gallery.shape[-1]:
+            raise ValueError(
+                "need (Q, D) or (V, Q, D) queries and (G, D) or (V, G, D) gallery, "
+                f"got {tuple(queries.shape)} and {tuple(gallery.shape)}"
+            )
+        if (len(views(queries)), queries.shape[-2], len(views(gallery)), gallery.shape[-2]) != (
+            len(views(first.queries)),
+            first.queries.shape[-2],
+            len(views(first.gallery)),
+            first.gallery.shape[-2],
+        ):
+            raise ValueError("every member needs the same numbers of queries, gallery items and views")
+        if not (math.isfinite(member.weight) and member.weight > 0):
+            raise ValueError(f"member weights must be finite and > 0, got {member.weight}")
+    num_queries, gallery_size = first.queries.shape[-2], first.gallery.shape[-2]
     if not 1 <= k <= gallery_size:
         raise ValueError(f"k must be between 1 and the gallery size {gallery_size}, got {k}")
+    if chunk_size is None:
+        values = sum(m.gallery.shape[-1] * len(views(m.gallery)) for m in members)
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // values)
     if chunk_size < 1 or query_chunk_size < 1:
         raise ValueError("chunk sizes must be >= 1")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     if (query_groups is None) != (gallery_groups is None):
         raise ValueError("give both query_groups and gallery_groups, or neither")
+    if device is None:
+        device = first.gallery.device if isinstance(first.gallery, torch.Tensor) else "cpu"
+    device = torch.device(device)
+    dtype = candidate_dtype(precision, device)
     if num_queries == 0:
         return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
-    if device is None:
-        device = gallery.device if isinstance(gallery, torch.Tensor) else "cpu"
-    device = torch.device(device)
-    sizes = (chunk_size, query_chunk_size, device)
+    settings = (chunk_size, query_chunk_size, device, dtype, margin)
     if query_groups is None:
-        return _search(queries, np.arange(num_queries), gallery, np.arange(gallery_size), k, *sizes)
+        return _search(members, np.arange(num_queries), np.arange(gallery_size), k, *settings)
     query_groups, gallery_groups = np.asarray(query_groups), np.asarray(gallery_groups)
     if query_groups.shape != (num_queries,) or gallery_groups.shape != (gallery_size,):
         raise ValueError("query_groups and gallery_groups need one label per query and per gallery item")
@@ -197,10 +445,10 @@ def topk(
         inside = np.flatnonzero(gallery_groups == group)
         parts = []
         if len(inside):
-            parts.append(_search(queries, query_rows, gallery, inside, min(k, len(inside)), *sizes))
+            parts.append(_search(members, query_rows, inside, min(k, len(inside)), *settings))
         if len(inside) < k:
             outside = np.flatnonzero(gallery_groups != group)
-            parts.append(_search(queries, query_rows, gallery, outside, k - len(inside), *sizes))
+            parts.append(_search(members, query_rows, outside, k - len(inside), *settings))
         scores[query_rows] = np.concatenate([part[0] for part in parts], axis=1)
         indices[query_rows] = np.concatenate([part[1] for part in parts], axis=1)
     return scores, indices

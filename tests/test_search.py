@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from jdfashion.search import topk
+from jdfashion import search as search_module
+from jdfashion.fusion import fuse, fused_topk
+from jdfashion.search import Member, candidate_dtype, search, topk
 
 
 def half_sign_vectors(rng: np.random.Generator, count: int, dim: int = 16) -> np.ndarray:
@@ -131,3 +133,119 @@ def test_a_non_finite_row_is_named() -> None:
     gallery[17, 2] = np.nan
     with pytest.raises(ValueError, match="gallery features: row 17 is not finite"):
         topk(np.ones((2, 4), np.float32), gallery, 3, chunk_size=8)
+
+
+def fused_brute_force(members: list[Member], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 sum_m w_m cos_m, best pair of views; best first, equal scores by the lower index."""
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def stack(x: np.ndarray) -> np.ndarray:
+        return unit(x)[None] if np.ndim(x) == 2 else unit(x)
+
+    total = sum(m.weight * np.einsum("uqd,vgd->uvqg", stack(m.queries), stack(m.gallery)) for m in members)
+    scores = total.max(axis=(0, 1))
+    order = np.array([np.lexsort((np.arange(scores.shape[1]), -row))[:k] for row in scores])
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+def near_tie_members(rng: np.random.Generator, spread: float) -> list[Member]:
+    """Three models whose gallery items all sit within ``spread`` of one direction: every query's
+    fused scores differ by far less than bf16 or fp16 can resolve."""
+    members = []
+    for dim, weight in ((24, 0.5), (40, 0.3), (16, 0.2)):
+        direction = rng.normal(size=dim)
+        gallery = direction + spread * rng.normal(size=(300, dim))
+        queries = direction + 0.5 * rng.normal(size=(7, dim))
+        members.append(Member(queries.astype(np.float32), gallery.astype(np.float32), weight))
+    return members
+
+
+@pytest.mark.parametrize(("chunk_size", "query_chunk_size"), [(1, 1), (7, 3), (64, 100), (None, 1024)])
+@pytest.mark.parametrize("shape", ["plain", "query views", "gallery views"])
+def test_fused_search_is_the_float64_weighted_sum(chunk_size, query_chunk_size, shape: str) -> None:
+    rng = np.random.default_rng(5)
+    members = []
+    for dim, weight in ((12, 0.6), (20, 0.3), (8, 0.1)):
+        queries = rng.normal(size=(3, 11, dim) if shape == "query views" else (11, dim))
+        gallery = rng.normal(size=(2, 90, dim) if shape == "gallery views" else (90, dim))
+        members.append(Member(queries.astype(np.float32), torch.from_numpy(gallery).half(), weight))
+    expected_scores, expected = fused_brute_force(members, 10)
+    scores, indices = search(members, 10, chunk_size=chunk_size, query_chunk_size=query_chunk_size)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(scores, expected_scores, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("margin", [0, 5])
+def test_candidates_in_low_precision_still_give_the_float64_top_k_on_near_ties(
+    precision: str, margin: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    members = near_tie_members(np.random.default_rng(6), spread=1e-4)
+    passes: list[torch.dtype] = []
+    candidates = search_module._candidates
+
+    def recorded(*args, **kwargs):
+        passes.append(args[-1])
+        return candidates(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "_candidates", recorded)
+    _, expected = fused_brute_force(members, 10)
+    _, indices = search(members, 10, chunk_size=32, precision=precision, margin=margin)
+    np.testing.assert_array_equal(indices, expected)
+    # Scores this close cannot be certified from a low-precision pass: the ladder went up to float64.
+    assert passes[0] == search_module.candidate_dtype(precision, torch.device("cpu"))
+    assert passes[-1] == torch.float64
+
+
+def test_well_separated_scores_are_certified_by_the_first_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    gallery = rng.normal(size=(400, 64)).astype(np.float32)
+    queries = gallery[:20] + 0.05 * rng.normal(size=(20, 64)).astype(np.float32)
+    passes = []
+    candidates = search_module._candidates
+    monkeypatch.setattr(search_module, "_candidates", lambda *a: passes.append(a[-1]) or candidates(*a))
+    _, indices = search([Member(queries, gallery)], 1, precision="bf16", margin=30)
+    assert indices[:, 0].tolist() == list(range(20))
+    assert passes == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_error_bound_bounds_every_pair(dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(8)
+    members = [
+        Member(torch.from_numpy(rng.normal(size=(40, dim))).half(), rng.normal(size=(500, dim)), weight)
+        for dim, weight in ((256, 0.7), (128, 0.3))
+    ]
+    cpu = torch.device("cpu")
+    approximate, rows = search_module._candidates(
+        members, np.arange(40), np.arange(500), 500, 128, 16, cpu, dtype
+    )
+    exact = search_module._exact_scores(members, np.arange(40), rows, torch.full((40,), 500), cpu)
+    error = (approximate.double() - exact).abs().max().item()
+    bound = search_module.error_bound(members, dtype)
+    assert 0 < error <= bound
+    assert bound < {torch.bfloat16: 0.02, torch.float16: 0.003, torch.float32: 1e-4}[dtype]
+
+
+def test_auto_precision_follows_the_device() -> None:
+    bf16 = search_module.cpu_has_native_bf16()
+    assert candidate_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if bf16 else torch.float32)
+    assert candidate_dtype("auto", torch.device("cuda")) == torch.float16
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16"):
+        candidate_dtype("int8", torch.device("cpu"))
+
+
+def test_fused_topk_ranks_like_a_search_over_the_concatenation() -> None:
+    rng = np.random.default_rng(9)
+    queries = {m: rng.normal(size=(15, 32)).astype(np.float32) for m in ("a", "b", "c")}
+    gallery = {m: rng.normal(size=(200, 32)).astype(np.float32) for m in ("a", "b", "c")}
+    weights = {"a": 0.5, "b": 0.5, "c": 0.0}
+    scores, indices = fused_topk(queries, gallery, weights, 10)
+    concatenated_scores, concatenated = topk(fuse(queries, weights), fuse(gallery, weights), 10)
+    np.testing.assert_array_equal(indices, concatenated)
+    np.testing.assert_allclose(scores, concatenated_scores, atol=1e-5)
+    with pytest.raises(ValueError, match=r"no features for model\(s\) d"):
+        fused_topk(queries, gallery, {"a": 1.0, "d": 1.0}, 10)
