@@ -7,6 +7,7 @@ stack is ~6 GB and one install of it is enough. Set it up once with ``pip instal
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -30,8 +31,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def quickstart(session: nox.Session) -> None:
-    out = os.path.join(tempfile.mkdtemp(prefix="jdfashion-quickstart-"), "demo")
-    session.run(PYTHON, "-m", "jdfashion", "quickstart", "--out", out, env=QUIET_ENV)
+    scratch = tempfile.mkdtemp(prefix="jdfashion-quickstart-")  # ~1.4 GB of models and caches
+    session.run(
+        PYTHON, "-m", "jdfashion", "quickstart", "--out", os.path.join(scratch, "demo"), env=QUIET_ENV
+    )
+    shutil.rmtree(scratch)  # kept when the run fails, for a look at what it left
 
 
 @nox.session(venv_backend="none")
@@ -56,7 +60,8 @@ def realdata_smoke(session: nox.Session) -> None:
     )
     if not os.path.isdir(dataset):
         session.skip(f"Grocery Store dataset not found at {dataset}")
-    out = os.path.join(tempfile.mkdtemp(prefix="jdfashion-realdata-"), "smoke")
+    scratch = tempfile.mkdtemp(prefix="jdfashion-realdata-")
+    out = os.path.join(scratch, "smoke")
     session.run(
         PYTHON,
         "-m",
@@ -70,3 +75,4 @@ def realdata_smoke(session: nox.Session) -> None:
         "--smoke",
         env=QUIET_ENV,
     )
+    shutil.rmtree(scratch)
