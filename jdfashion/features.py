@@ -10,6 +10,7 @@ resumes at the first missing chunk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -90,6 +91,18 @@ class ExtractOptions:
     rotation: float = 0.0
 
 
+@contextlib.contextmanager
+def _channels_last(model: torch.nn.Module) -> Iterator[None]:
+    """The model in channels_last while it extracts: oneDNN's and cuDNN's faster convolution layout
+    (measured on this project's 2-core CPU: MGPA ResNet-50 forward 20.8 -> 23.3 images/s). Restored
+    after, because safetensors saves only contiguous tensors."""
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def iterate_outputs(
     trained: TrainedModel,
     refs: Sequence[ImageRef],
@@ -114,15 +127,14 @@ def iterate_outputs(
         collate_fn=collate,
         pin_memory=use_cuda,
     )
-    memory_format = torch.channels_last if use_cuda else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=use_cuda)
     progress = make_progress({"rate": "{rate:.1f} img/s"}, disable=not options.show_progress)
-    with progress, torch.inference_mode(), autocast:
+    with progress, _channels_last(trained.model), torch.inference_mode(), autocast:
         task = progress.add_task(description, total=len(refs), rate=0.0)
         started = time.perf_counter()
         done = 0
         for batch in loader:
-            images = batch["images"].to(device, non_blocking=True, memory_format=memory_format)
+            images = batch["images"].to(device, non_blocking=True, memory_format=torch.channels_last)
             outputs = model_outputs(trained.model, images, options.head, options.flip)
             ok = batch["ok"]
             outputs[~ok.to(device)] = 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from jdfashion.checkpoint import load_trained
 from jdfashion.config import TrainConfig
@@ -100,8 +101,12 @@ def test_undecodable_images_are_reported_and_keep_their_place(trained_dir, demo_
 def test_feature_extractor_matches_the_cached_features(trained_dir, demo_data, gallery, tmp_path):
     images = DataLayout(demo_data).images
     cached = FeatureCache(tmp_path).extract(load_trained(trained_dir), gallery, images, QUIET)
-    direct = FeatureExtractor(trained_dir, device="cpu")(gallery, images)
+    extractor = FeatureExtractor(trained_dir, device="cpu")
+    direct = extractor(gallery, images)
     assert torch.allclose(direct.features.float(), cached.features.float(), atol=1e-3)
+    # Extraction runs the model in channels_last and hands it back contiguous: it can still be saved.
+    assert all(tensor.is_contiguous() for tensor in extractor.trained.model.state_dict().values())
+    save_file(extractor.trained.model.state_dict(), tmp_path / "after-extraction.safetensors")
 
 
 def test_category_router_learns_the_demo_categories(demo_data, tmp_path):
