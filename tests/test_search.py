@@ -249,3 +249,25 @@ def test_fused_topk_ranks_like_a_search_over_the_concatenation() -> None:
     np.testing.assert_allclose(scores, concatenated_scores, atol=1e-5)
     with pytest.raises(ValueError, match=r"no features for model\(s\) d"):
         fused_topk(queries, gallery, {"a": 1.0, "d": 1.0}, 10)
+
+
+def test_cuda_searches_switch_off_tf32_and_reduced_precision_sums_then_restore_them() -> None:
+    """The error bound assumes fp32 sums; the flags are process-wide, so they must come back."""
+    matmul = torch.backends.cuda.matmul
+    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    saved = {name: getattr(matmul, name) for name in names}
+    try:
+        for name in names:
+            setattr(matmul, name, True)
+        with (
+            pytest.raises(RuntimeError, match="inside"),
+            search_module._full_precision_matmuls(torch.device("cuda")),
+        ):
+            assert not any(getattr(matmul, name) for name in names)
+            raise RuntimeError("inside")
+        assert all(getattr(matmul, name) for name in names)
+        with search_module._full_precision_matmuls(torch.device("cpu")):
+            assert all(getattr(matmul, name) for name in names)
+    finally:
+        for name, value in saved.items():
+            setattr(matmul, name, value)
