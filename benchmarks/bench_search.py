@@ -106,13 +106,17 @@ def unit_fp32(features: np.ndarray) -> np.ndarray:
     return rows
 
 
+def outcome(started: float, preparing: float, top: np.ndarray) -> dict[str, Any]:
+    """A variant's result: seconds since ``started``, of which ``preparing`` before the search."""
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "prepare": preparing, "search": seconds - preparing, "top": top}
+
+
 def timed_fused_search(
     queries: dict[str, Any], gallery: dict[str, np.ndarray], k: int, precision: str = "auto"
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    _, indices = fused_topk(queries, gallery, WEIGHTS, k, precision=precision)
-    finished = time.perf_counter()
-    return {"seconds": finished - started, "prepare": 0.0, "search": finished - started, "top": indices}
+    return outcome(started, 0.0, fused_topk(queries, gallery, WEIGHTS, k, precision=precision)[1])
 
 
 def run_jdfashion(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
@@ -128,15 +132,7 @@ def run_concatenation(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, A
     started = time.perf_counter()
     fused_gallery = fuse({m: torch.from_numpy(f) for m, f in gallery.items()}, WEIGHTS)
     fused_queries = fuse({m: torch.from_numpy(f) for m, f in queries.items()}, WEIGHTS)
-    fused = time.perf_counter()
-    _, indices = topk(fused_queries, fused_gallery, size.k)
-    finished = time.perf_counter()
-    return {
-        "seconds": finished - started,
-        "prepare": fused - started,
-        "search": finished - fused,
-        "top": indices,
-    }
+    return outcome(started, time.perf_counter() - started, topk(fused_queries, fused_gallery, size.k)[1])
 
 
 def run_jdfashion_views(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
@@ -163,9 +159,7 @@ def run_float64(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
             total[:, start : start + GENERATION_CHUNK] += (
                 query_rows @ unit_rows64(gallery[model][start : start + GENERATION_CHUNK]).T
             )
-    top = np.argsort(-total, axis=1, kind="stable")[:, : size.k]
-    finished = time.perf_counter()
-    return {"seconds": finished - started, "prepare": 0.0, "search": finished - started, "top": top}
+    return outcome(started, 0.0, np.argsort(-total, axis=1, kind="stable")[:, : size.k])
 
 
 def run_numpy(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
@@ -180,13 +174,7 @@ def run_numpy(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
         total += query_rows @ gallery_rows.T
         del gallery_rows  # before the next model's copy is made, as a one-expression loop would
     top = np.argsort(-total, axis=1, kind="stable")[:, : size.k]
-    finished = time.perf_counter()
-    return {
-        "seconds": finished - started,
-        "prepare": preparing,
-        "search": finished - started - preparing,
-        "top": top,
-    }
+    return outcome(started, preparing, top)
 
 
 def fuse_candidate_lists(
@@ -224,13 +212,7 @@ def run_faiss(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
         scores.append(model_scores)
         ids.append(model_ids)
     top = fuse_candidate_lists(scores, ids, [WEIGHTS[m] for m in MODELS], size.k)
-    finished = time.perf_counter()
-    return {
-        "seconds": finished - started,
-        "prepare": preparing,
-        "search": finished - started - preparing,
-        "top": top,
-    }
+    return outcome(started, preparing, top)
 
 
 def matmul_gflops(matrix_size: int, dtype: str = "float32", repeats: int = 3) -> float:
