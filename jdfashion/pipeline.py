@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,6 +102,13 @@ class RetrievalOptions:
                 "re-ranking needs one vector per gallery image: use rotation TTA on the query side "
                 "(--rotation-side query) with query expansion, database augmentation or --rerank"
             )
+
+    @property
+    def reranks(self) -> bool:
+        """Whether a step after the first search needs one (fused) vector per image."""
+        return bool(
+            self.database_augmentation or self.query_augmentation or self.query_expansion or self.k_reciprocal
+        )
 
     def angles(self, side: RotationSide) -> tuple[float, ...]:
         return self.rotations if side == self.rotation_side else (0.0,)
@@ -443,16 +450,22 @@ def extract_test(
     )
 
 
+def _per_view(method: Callable[[torch.Tensor], torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
+    """``method`` on each view of (V, Q, D) queries, or on (Q, D) queries."""
+    done = [method(view) for view in views(queries)]
+    return torch.stack(done) if queries.ndim == 3 else done[0]
+
+
 def _reranked(queries: torch.Tensor, gallery: torch.Tensor, options: RetrievalOptions, k: int) -> np.ndarray:
     """Top-k gallery rows after the re-ranking options, on fused vectors, in their fixed order."""
     if options.database_augmentation:
         gallery = database_augmentation(gallery)
     if options.query_augmentation:
-        augmented = [database_augmentation(view, top_n=options.query_augmentation) for view in views(queries)]
-        queries = torch.stack(augmented) if queries.ndim == 3 else augmented[0]
+        queries = _per_view(
+            lambda view: database_augmentation(view, top_n=options.query_augmentation), queries
+        )
     if options.query_expansion:
-        expanded = [query_expansion(view, gallery) for view in views(queries)]
-        queries = torch.stack(expanded) if queries.ndim == 3 else expanded[0]
+        queries = _per_view(lambda view: query_expansion(view, gallery), queries)
     if options.k_reciprocal:
         return k_reciprocal_rerank(best_view(queries, gallery), gallery, top=k)[1]
     return topk(queries, gallery, k)[1]
@@ -476,13 +489,7 @@ def ranked_lists(
     query_features = {m: domain_centring(query_sets[m].features, options.centring) for m in models}
     gallery_features = {m: domain_centring(gallery_sets[m].features, options.centring) for m in models}
     width = min(k, len(gallery_sets[models[0]].ids))
-    reranking = (
-        options.database_augmentation
-        or options.query_augmentation
-        or options.query_expansion
-        or options.k_reciprocal
-    )
-    if not reranking:
+    if not options.reranks:
         _, indices = fused_topk(query_features, gallery_features, weights, width)
     else:
         indices = _reranked(fuse(query_features, weights), fuse(gallery_features, weights), options, width)

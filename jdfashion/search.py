@@ -68,6 +68,12 @@ UNIT_ROUNDOFF = {
 }
 # The precision ladder: a query the candidate pass cannot certify is searched again one step up.
 NEXT_PRECISION = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.float32: torch.float64}
+# torch.backends.cuda.matmul flags that trade fp32 sums for speed; off while a CUDA search runs.
+CUDA_MATMUL_SHORTCUTS = (
+    "allow_tf32",
+    "allow_fp16_reduced_precision_reduction",
+    "allow_bf16_reduced_precision_reduction",
+)
 
 
 @dataclass(frozen=True)
@@ -193,10 +199,9 @@ def _full_precision_matmuls(device: torch.device) -> Iterator[None]:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
-    saved = {name: getattr(matmul, name) for name in names}
+    saved = {name: getattr(matmul, name) for name in CUDA_MATMUL_SHORTCUTS}
     try:
-        for name in names:
+        for name in CUDA_MATMUL_SHORTCUTS:
             setattr(matmul, name, False)
         yield
     finally:
@@ -337,11 +342,11 @@ def _search(
     threshold = approximate[:, k - 1] - 2 * error_bound(members, dtype)
     counts = (approximate >= threshold.unsqueeze(1)).sum(dim=1)  # a prefix: the list is sorted
     exact = _exact_scores(members, query_rows, candidates, counts, device)
-    # Best first, equal scores by the lower gallery row: sort by row, then stably by score.
+    # In gallery-row order, rank_rows's lower-column tie rule is the lower-gallery-row rule.
     by_row = torch.argsort(candidates, dim=1)
     exact, candidates = exact.gather(1, by_row), candidates.gather(1, by_row)
-    by_score = torch.sort(exact, dim=1, descending=True, stable=True).indices[:, :k]
-    scores, ids = exact.gather(1, by_score), candidates.gather(1, by_score)
+    scores, columns = rank_rows(exact, k)
+    ids = candidates.gather(1, columns)
     if width < len(gallery_rows) and dtype != torch.float64:
         uncertain = (counts == width).cpu().numpy()
         if uncertain.any():

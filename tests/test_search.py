@@ -254,7 +254,8 @@ def test_fused_topk_ranks_like_a_search_over_the_concatenation() -> None:
 def test_cuda_searches_switch_off_tf32_and_reduced_precision_sums_then_restore_them() -> None:
     """The error bound assumes fp32 sums; the flags are process-wide, so they must come back."""
     matmul = torch.backends.cuda.matmul
-    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    names = search_module.CUDA_MATMUL_SHORTCUTS
+    assert "allow_tf32" in names and all(hasattr(matmul, name) for name in names)
     saved = {name: getattr(matmul, name) for name in names}
     try:
         for name in names:
