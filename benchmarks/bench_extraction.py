@@ -2,7 +2,8 @@
 
 The model is a randomly initialised MGPA (resnet50, 16 parts) saved by a 0-epoch ``train`` run, at
 128 px (64 px with ``--quick``); the images are generated demo photos (query and gallery lists).
-Variants, each in a fresh process, each after one warm-up batch:
+Variants, each in a fresh process, each after one warm-up batch, in interleaved rounds
+(``--repeats``, default 3):
 
 * jdfashion ``FeatureCache.extract`` with its default 2 DataLoader workers, and with 0 (decoding in
   the main process, like the plain loop): decode, box crop, resize, MGPA forward, fp16 cache write;
@@ -18,6 +19,8 @@ Variants, each in a fresh process, each after one warm-up batch:
 
 from __future__ import annotations
 
+import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -98,8 +101,10 @@ def batches(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
 def run_cache(
     size: ExtractionSize, workspace: Workspace, num_workers: int, rotation: float = 0.0
 ) -> dict[str, Any]:
+    """Into a fresh folder each call: a cache left by an earlier round would be read, not computed."""
     trained = load_trained(workspace.model_dir)
-    cache_root = workspace.scratch / f"cache-{num_workers}-workers-{rotation:g}-deg"
+    workspace.scratch.mkdir(parents=True, exist_ok=True)
+    cache_root = Path(tempfile.mkdtemp(prefix="cache-", dir=workspace.scratch))
     options = ExtractOptions(
         batch_size=size.batch_size, num_workers=num_workers, show_progress=False, rotation=rotation
     )
@@ -111,6 +116,7 @@ def run_cache(
         trained, workspace.refs, workspace.image_root, options
     )
     seconds = time.perf_counter() - started
+    shutil.rmtree(cache_root)
     return {"images": len(features), "seconds": seconds, "dim": features.features.shape[1]}
 
 
@@ -179,14 +185,62 @@ def run_mgpa_tensors(size: ExtractionSize, workspace: Workspace) -> dict[str, An
     return forward_preloaded(model, size, workspace, torch.channels_last)
 
 
+PLAIN_LOOP = "plain timm {backbone} loop, PIL from disk"
+
+
+def interleaved_rounds(
+    variants: Sequence[tuple[str, Any, tuple[Any, ...]]],
+    size: ExtractionSize,
+    workspace: Workspace,
+    repeats: int,
+) -> dict[str, list[tuple[dict[str, Any], float]]]:
+    """Every variant once per round, each round starting one variant later, so that a machine's drift
+    (other work, thermal state, page cache) falls on every variant alike rather than on whichever runs
+    first."""
+    outcomes: dict[str, list[tuple[dict[str, Any], float]]] = {label: [] for label, _, _ in variants}
+    for round_number in range(repeats):
+        shift = round_number % len(variants)
+        for label, function, extra in [*variants[shift:], *variants[:shift]]:
+            print(f"round {round_number + 1}/{repeats}: {label} ...", flush=True)
+            outcomes[label].append(isolated(function, size, workspace, *extra, flush_denormal=True))
+    return outcomes
+
+
+def summary_rows(
+    outcomes: dict[str, list[tuple[dict[str, Any], float]]], baseline: str
+) -> list[dict[str, Any]]:
+    """Median images/s per variant and its range; the ratio to the baseline is the median of the
+    per-round ratios (each against the baseline's run in the same round)."""
+    baseline_rates = [result["images"] / result["seconds"] for result, _ in outcomes[baseline]]
+    rows = []
+    for label, runs in outcomes.items():
+        rates = [result["images"] / result["seconds"] for result, _ in runs]
+        rows.append(
+            {
+                "variant": label,
+                "images": runs[0][0]["images"],
+                "seconds": statistics.median(result["seconds"] for result, _ in runs),
+                "images_per_second": statistics.median(rates),
+                "range": f"{min(rates):.1f}-{max(rates):.1f}",
+                "vs_plain_loop": statistics.median(
+                    rate / reference for rate, reference in zip(rates, baseline_rates, strict=True)
+                ),
+                "dim": runs[0][0]["dim"],
+                "peak_rss_mib": max(peak_rss for _, peak_rss in runs),
+            }
+        )
+    return rows
+
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], repeats=3)
     size = QUICK if args.quick else FULL
     machine = machine_info()
+    plain_loop = PLAIN_LOOP.format(backbone=size.backbone)
     variants = [
         ("jdfashion FeatureCache.extract, 2 loader workers (default)", run_cache, (2,)),
         ("jdfashion FeatureCache.extract, 0 loader workers", run_cache, (0,)),
-        (f"plain timm {size.backbone} loop, PIL from disk", run_timm_disk, ()),
+        (plain_loop, run_timm_disk, ()),
         (f"plain timm {size.backbone} forward, preloaded tensors", run_timm_tensors, ()),
         ("jdfashion MGPA model forward, preloaded tensors, channels_last", run_mgpa_tensors, ()),
         (
@@ -197,33 +251,22 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory(prefix="jdfashion-bench-extraction-") as scratch:
         workspace = prepare(size, Path(scratch))
-        outcomes = []
-        for label, function, extra in variants:
-            print(f"running {label} ...", flush=True)
-            outcomes.append((label, *isolated(function, size, workspace, *extra, flush_denormal=True)))
-    reference = outcomes[0][1]["images"] / outcomes[0][1]["seconds"]
-    rows = [
-        {
-            "variant": label,
-            "images": result["images"],
-            "seconds": result["seconds"],
-            "images_per_second": result["images"] / result["seconds"],
-            "vs_jdfashion": result["images"] / result["seconds"] / reference,
-            "dim": result["dim"],
-            "peak_rss_mib": peak_rss,
-        }
-        for label, result, peak_rss in outcomes
-    ]
+        outcomes = interleaved_rounds(variants, size, workspace, args.repeats)
+    rows = summary_rows(outcomes, plain_loop)
     columns = [
         Column("variant", "variant"),
         Column("images", "images"),
-        Column("seconds", "s", ".2f"),
-        Column("images_per_second", "images/s", ".1f"),
-        Column("vs_jdfashion", "rate / jdfashion default", ".2f"),
+        Column("seconds", "median s", ".2f"),
+        Column("images_per_second", "images/s (median)", ".1f"),
+        Column("range", "images/s range"),
+        Column("vs_plain_loop", "rate / plain timm loop", ".2f"),
         Column("dim", "feature dim"),
         Column("peak_rss_mib", "peak RSS MiB", ",.0f"),
     ]
     notes = [
+        f"{args.repeats} interleaved round(s) of every variant, each round starting one variant later; "
+        "medians and the range over rounds. The ratio is the median over rounds of the variant's rate "
+        "over the plain timm loop's in the same round (the loop a user would otherwise write).",
         f"{size.backbone} at {size.image_size} px, batch {size.batch_size}, random weights, CPU, "
         f"{machine['threads']} compute threads; demo photos of {size.photo_size} px (smaller than "
         "JD's photos, so decoding costs less here than on the real data).",
@@ -246,7 +289,7 @@ def main() -> None:
         rows,
         quick=args.quick,
         machine=machine,
-        parameters={**asdict(size), "images": len(workspace.refs)},
+        parameters={**asdict(size), "images": len(workspace.refs), "repeats": args.repeats},
         notes=notes,
     )
 

@@ -53,12 +53,20 @@ class Column:
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
-def parse_args(description: str) -> argparse.Namespace:
-    """``--quick`` and ``--threads``; the latter is applied here, to every variant process started later."""
+def parse_args(description: str, repeats: int | None = None) -> argparse.Namespace:
+    """``--quick`` and ``--threads``; the latter is applied here, to every variant process started later.
+    Scripts that time every variant several times pass their default ``repeats`` (``--repeats``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick", action="store_true", help="small sizes: checks that the script works (< 1 min)"
     )
+    if repeats is not None:
+        parser.add_argument(
+            "--repeats",
+            type=int,
+            default=repeats,
+            help=f"rounds of every variant, interleaved, medians reported (default {repeats})",
+        )
     parser.add_argument(
         "--threads",
         type=int,
@@ -66,6 +74,8 @@ def parse_args(description: str) -> argparse.Namespace:
         "machine shared with other work, 1 avoids the stalls of oversubscribed thread pools",
     )
     args = parser.parse_args()
+    if repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
