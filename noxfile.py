@@ -41,7 +41,7 @@ def quickstart(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def benchmarks(session: nox.Session) -> None:
     """Speed and memory against named baselines; writes benchmarks/results/*.json and *.md."""
-    names = session.posargs or ["search", "scoring", "extraction", "training"]
+    names = session.posargs or ["search", "scoring", "extraction", "training", "jd_scale"]
     for name in names:
         session.run(PYTHON, f"benchmarks/bench_{name}.py", env=QUIET_ENV)
 
