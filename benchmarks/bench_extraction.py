@@ -99,10 +99,10 @@ def batches(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
 
 
 def run_cache(
-    size: ExtractionSize, workspace: Workspace, num_workers: int, rotation: float = 0.0
+    size: ExtractionSize, workspace: Workspace, num_workers: int, rotation: float = 0.0, device: str = "cpu"
 ) -> dict[str, Any]:
     """Into a fresh folder each call: a cache left by an earlier round would be read, not computed."""
-    trained = load_trained(workspace.model_dir)
+    trained = load_trained(workspace.model_dir, device)
     workspace.scratch.mkdir(parents=True, exist_ok=True)
     cache_root = Path(tempfile.mkdtemp(prefix="cache-", dir=workspace.scratch))
     options = ExtractOptions(
@@ -141,14 +141,17 @@ def plain_transform(size: ExtractionSize) -> Any:
     )
 
 
-def run_timm_disk(size: ExtractionSize, workspace: Workspace) -> dict[str, Any]:
-    model, transform = plain_timm_model(size), plain_transform(size)
+def run_timm_disk(size: ExtractionSize, workspace: Workspace, device: str = "cpu") -> dict[str, Any]:
+    """On CUDA with autocast, as a user would write it there."""
+    model, transform = plain_timm_model(size).to(device), plain_transform(size)
     groups = batches(workspace.refs, size.batch_size)
-    with torch.inference_mode():
-        model(read_plain(groups[0], workspace.image_root, transform))
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda")
+    with torch.inference_mode(), autocast:
+        model(read_plain(groups[0], workspace.image_root, transform).to(device))
         started = time.perf_counter()
         for group in groups:
-            outputs = model(read_plain(group, workspace.image_root, transform))
+            outputs = model(read_plain(group, workspace.image_root, transform).to(device))
+        outputs = outputs.cpu()  # waits for the device
         seconds = time.perf_counter() - started
     return {"images": len(workspace.refs), "seconds": seconds, "dim": outputs.shape[1]}
 

@@ -14,64 +14,19 @@ On a GPU machine, ``nox -s benchmarks -- jd_scale`` gives the GPU-hour figure th
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from bench_extraction import (
-    ExtractionSize,
-    Workspace,
-    batches,
-    plain_timm_model,
-    plain_transform,
-    prepare,
-    read_plain,
-)
+from bench_extraction import ExtractionSize, prepare, run_cache, run_timm_disk
 from common import Column, isolated, machine_info, parse_args, write_results
-
-from jdfashion.checkpoint import load_trained
-from jdfashion.features import ExtractOptions, FeatureCache
 
 JD_TEST_IMAGES = 154_294 + 1_000  # gallery + queries of the final test lists (docs/METHOD.md)
 BACKBONES = ("resnet101", "resnet152", "resnext101", "densenet169")
 
 
-def device_name() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def run_mgpa(size: ExtractionSize, workspace: Workspace) -> dict[str, Any]:
-    trained = load_trained(workspace.model_dir, device_name())
-    options = ExtractOptions(batch_size=size.batch_size, show_progress=False)
-    with tempfile.TemporaryDirectory(dir=workspace.scratch.parent) as cache_root:
-        FeatureCache(Path(cache_root) / "warm-up").extract(
-            trained, workspace.refs[: size.batch_size], workspace.image_root, options
-        )
-        started = time.perf_counter()
-        FeatureCache(Path(cache_root) / "timed").extract(
-            trained, workspace.refs, workspace.image_root, options
-        )
-        return {"images": len(workspace.refs), "seconds": time.perf_counter() - started}
-
-
-def run_plain(size: ExtractionSize, workspace: Workspace) -> dict[str, Any]:
-    device = device_name()
-    model, transform = plain_timm_model(size).to(device), plain_transform(size)
-    groups = batches(workspace.refs, size.batch_size)
-    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda")
-    with torch.inference_mode(), autocast:
-        model(read_plain(groups[0], workspace.image_root, transform).to(device))
-        started = time.perf_counter()
-        for group in groups:
-            outputs = model(read_plain(group, workspace.image_root, transform).to(device))
-        outputs.cpu()  # waits for the device
-        return {"images": len(workspace.refs), "seconds": time.perf_counter() - started}
-
-
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    device = device_name()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu = device == "cpu"
     image_size, photo_size = (96, 128) if args.quick else (384, 512)
     batch_size = 4 if args.quick or cpu else 64
@@ -85,8 +40,8 @@ def main() -> None:
             print(
                 f"{backbone}: MGPA extraction and plain loop on {len(workspace.refs)} images ...", flush=True
             )
-            mgpa, mgpa_rss = isolated(run_mgpa, size, workspace, flush_denormal=True)
-            plain, _ = isolated(run_plain, size, workspace, flush_denormal=True)
+            mgpa, mgpa_rss = isolated(run_cache, size, workspace, 2, 0.0, device, flush_denormal=True)
+            plain, _ = isolated(run_timm_disk, size, workspace, device, flush_denormal=True)
         rate = mgpa["images"] / mgpa["seconds"]
         plain_rate = plain["images"] / plain["seconds"]
         rows.append(
