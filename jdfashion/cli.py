@@ -344,8 +344,19 @@ def retrieval_options(
     rotation_side: str,
     centring: float,
     query_augmentation: int,
+    self_training: bool,
+    self_training_keep: float,
+    self_training_steps: int,
+    self_training_seed: int,
 ):
     from jdfashion.pipeline import RetrievalOptions, parse_rotations
+    from jdfashion.selftrain import SelfTraining
+
+    learned = (
+        SelfTraining(keep=self_training_keep, steps=self_training_steps, seed=self_training_seed)
+        if self_training
+        else None
+    )
 
     return RetrievalOptions(
         flip=flip,
@@ -358,6 +369,7 @@ def retrieval_options(
         rotation_side=rotation_side,
         centring=centring,
         query_augmentation=query_augmentation,
+        self_training=learned,
     )
 
 
@@ -383,6 +395,22 @@ def retrieval_flags(function):
                 show_default=True,
                 help="Add each query's N nearest other queries (database augmentation of the query set).",
             ),
+            click.option(
+                "--self-training/--no-self-training",
+                default=False,
+                show_default=True,
+                help="Learn a part map from the searched queries' own confident first results, then "
+                "rank again (transductive; docs/REALDATA.md).",
+            ),
+            click.option(
+                "--self-training-keep",
+                type=click.FloatRange(0, 1, min_open=True),
+                default=0.6,
+                show_default=True,
+                help="Share of queries, most confident first, that self-training learns from.",
+            ),
+            click.option("--self-training-steps", type=click.IntRange(1), default=100, show_default=True),
+            click.option("--self-training-seed", type=int, default=0, show_default=True),
             click.option(
                 "--rotations",
                 default="0",

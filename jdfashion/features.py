@@ -42,12 +42,14 @@ class FeatureSet:
     """Features in the order of ``ids``; rows of ``failed`` urls are zeros (they match nothing).
 
     ``features`` is (N, D), or (V, N, D) for V views of each image (rotation TTA: :func:`stack_views`),
-    which the search reduces by the best view per pair.
+    which the search reduces by the best view per pair. ``parts``: how many unit parts the embedding
+    concatenates (``model.mgpa.embed_parts``), which self-training maps one by one.
     """
 
     ids: list[str]
     features: torch.Tensor
     failed: list[str] = field(default_factory=list)
+    parts: int = 1
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -60,7 +62,12 @@ def stack_views(views: Sequence[FeatureSet]) -> FeatureSet:
     if any(view.ids != views[0].ids for view in views):
         raise ValueError("views must list the same images in the same order")
     failed = sorted({url for view in views for url in view.failed})
-    return FeatureSet(views[0].ids, torch.stack([view.features for view in views]), failed)
+    return FeatureSet(views[0].ids, torch.stack([view.features for view in views]), failed, views[0].parts)
+
+
+def embedding_parts(trained: TrainedModel, head: Head) -> int:
+    """The part structure of ``head``'s outputs: the model's parts for embeddings, none for probabilities."""
+    return trained.model.num_parts if head == "embedding" else 1
 
 
 def model_outputs(model: torch.nn.Module, images: torch.Tensor, head: Head, flip: bool) -> torch.Tensor:
@@ -156,7 +163,7 @@ def compute_features(
         outputs.append(batch_outputs)
         failed.extend(batch_failed)
     features = torch.cat(outputs).half() if outputs else torch.zeros(0, 0, dtype=torch.float16)
-    return FeatureSet([ref.url for ref in refs], features, failed)
+    return FeatureSet([ref.url for ref in refs], features, failed, embedding_parts(trained, options.head))
 
 
 def fingerprint(trained: TrainedModel, refs: Sequence[ImageRef], options: ExtractOptions) -> str:
@@ -195,8 +202,9 @@ class FeatureCache:
         """
         directory = self.root / fingerprint(trained, refs, options)
         index_path = directory / INDEX_FILE
+        parts = embedding_parts(trained, options.head)
         if index_path.exists():
-            return self.load(directory)
+            return replace(self.load(directory), parts=parts)
         rank, world_size = shard()
         starts = range(0, len(refs), self.chunk_size)
         chunk_paths = [directory / f"chunk_{number:05d}.safetensors" for number in range(len(starts))]
@@ -236,7 +244,7 @@ class FeatureCache:
         if rank == 0:
             atomic_write_text(index_path, json.dumps(index))
         barrier()
-        return self.load(directory)
+        return replace(self.load(directory), parts=parts)
 
     @staticmethod
     def load(directory: Path) -> FeatureSet:

@@ -41,6 +41,7 @@ from jdfashion.paths import (
 )
 from jdfashion.rerank import database_augmentation, domain_centring, k_reciprocal_rerank, query_expansion
 from jdfashion.search import best_view, topk, views
+from jdfashion.selftrain import SelfTraining, apply_part_map, as_parts, confident_queries, learn_part_map
 from jdfashion.submission import submission_filename, write_submission
 
 TOP_K = 10
@@ -85,6 +86,9 @@ class RetrievalOptions:
     # its best view. The query side costs Q extractions per angle, the gallery side G.
     rotations: tuple[float, ...] = (0.0,)
     rotation_side: RotationSide = "query"
+    # Transductive self-training (jdfashion.selftrain): each model's part map learned from its own
+    # ranking of the searched queries under the options above, then the lists ranked again.
+    self_training: SelfTraining | None = None
 
     def __post_init__(self) -> None:
         if not self.rotations or len(set(self.rotations)) != len(self.rotations):
@@ -101,6 +105,11 @@ class RetrievalOptions:
             raise ValueError(
                 "re-ranking needs one vector per gallery image: use rotation TTA on the query side "
                 "(--rotation-side query) with query expansion, database augmentation or --rerank"
+            )
+        if self.self_training is not None and self.rotation_side == "gallery" and len(self.rotations) > 1:
+            raise ValueError(
+                "self-training learns from one vector per gallery image: use rotation TTA on the query "
+                "side (--rotation-side query) with --self-training"
             )
 
     @property
@@ -456,8 +465,10 @@ def _per_view(method: Callable[[torch.Tensor], torch.Tensor], queries: torch.Ten
     return torch.stack(done) if queries.ndim == 3 else done[0]
 
 
-def _reranked(queries: torch.Tensor, gallery: torch.Tensor, options: RetrievalOptions, k: int) -> np.ndarray:
-    """Top-k gallery rows after the re-ranking options, on fused vectors, in their fixed order."""
+def _reranked(
+    queries: torch.Tensor, gallery: torch.Tensor, options: RetrievalOptions, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k scores (higher is better) and gallery rows after the re-ranking options, on fused vectors."""
     if options.database_augmentation:
         gallery = database_augmentation(gallery)
     if options.query_augmentation:
@@ -467,18 +478,19 @@ def _reranked(queries: torch.Tensor, gallery: torch.Tensor, options: RetrievalOp
     if options.query_expansion:
         queries = _per_view(lambda view: query_expansion(view, gallery), queries)
     if options.k_reciprocal:
-        return k_reciprocal_rerank(best_view(queries, gallery), gallery, top=k)[1]
-    return topk(queries, gallery, k)[1]
+        distances, indices = k_reciprocal_rerank(best_view(queries, gallery), gallery, top=k)
+        return -distances, indices
+    return topk(queries, gallery, k)
 
 
-def ranked_lists(
+def _ranking(
     query_sets: dict[str, FeatureSet],
     gallery_sets: dict[str, FeatureSet],
     weights: dict[str, float],
     options: RetrievalOptions,
-    k: int = TOP_K,
-) -> dict[str, list[str]]:
-    """Fused exact top-k per query.
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused top-k scores and gallery rows under ``options`` (centring, re-ranking; not self-training).
 
     Without re-ranking the models' scores are fused inside the chunked search (no fused copy of the
     gallery). Re-ranking needs one vector per image, so it works on the weighted concatenation
@@ -488,11 +500,58 @@ def ranked_lists(
     models = [name for name, weight in weights.items() if weight > 0]
     query_features = {m: domain_centring(query_sets[m].features, options.centring) for m in models}
     gallery_features = {m: domain_centring(gallery_sets[m].features, options.centring) for m in models}
-    width = min(k, len(gallery_sets[models[0]].ids))
     if not options.reranks:
-        _, indices = fused_topk(query_features, gallery_features, weights, width)
-    else:
-        indices = _reranked(fuse(query_features, weights), fuse(gallery_features, weights), options, width)
+        return fused_topk(query_features, gallery_features, weights, k)
+    return _reranked(fuse(query_features, weights), fuse(gallery_features, weights), options, k)
+
+
+def self_trained(
+    query_set: FeatureSet, gallery_set: FeatureSet, options: RetrievalOptions
+) -> tuple[FeatureSet, FeatureSet]:
+    """One model's query and gallery features through a part map learned from its own ranking.
+
+    The ranking under ``options`` labels each query with its first result; the most confident share
+    are the anchors, their next results the competitors (:func:`jdfashion.selftrain.learn_part_map`).
+    Views of a query (rotation TTA) train through the best one and are all mapped."""
+    settings = options.self_training
+    if settings is None:
+        return query_set, gallery_set
+    width = min(settings.negatives + 1, len(gallery_set))
+    if width < 2 or not len(query_set):
+        return query_set, gallery_set
+    labelling = dataclasses.replace(options, self_training=None)
+    single = {"model": 1.0}
+    scores, rows = _ranking({"model": query_set}, {"model": gallery_set}, single, labelling, width)
+    anchors = confident_queries(scores, settings.keep)
+    parts = query_set.parts
+    query_parts = as_parts(best_view(query_set.features, gallery_set.features)[anchors], parts)
+    rows = torch.from_numpy(rows[anchors])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    part_map = learn_part_map(
+        query_parts, rows[:, 0], rows[:, 1:], as_parts(gallery_set.features, parts), settings, device
+    )
+    return tuple(  # type: ignore[return-value]
+        dataclasses.replace(side, features=apply_part_map(side.features, parts, part_map))
+        for side in (query_set, gallery_set)
+    )
+
+
+def ranked_lists(
+    query_sets: dict[str, FeatureSet],
+    gallery_sets: dict[str, FeatureSet],
+    weights: dict[str, float],
+    options: RetrievalOptions,
+    k: int = TOP_K,
+) -> dict[str, list[str]]:
+    """Fused exact top-k gallery ids per query under ``options`` (see :func:`_ranking`); with
+    self-training, each model is first self-trained on its own ranking (:func:`self_trained`)."""
+    models = [name for name, weight in weights.items() if weight > 0]
+    if options.self_training is not None:
+        trained = {m: self_trained(query_sets[m], gallery_sets[m], options) for m in models}
+        query_sets = {m: pair[0] for m, pair in trained.items()}
+        gallery_sets = {m: pair[1] for m, pair in trained.items()}
+    width = min(k, len(gallery_sets[models[0]].ids))
+    _, indices = _ranking(query_sets, gallery_sets, weights, options, width)
     query_ids = query_sets[models[0]].ids
     gallery_ids = gallery_sets[models[0]].ids
     return {
@@ -525,7 +584,10 @@ def tune_on_validation(
     sets: dict[str, tuple[FeatureSet, FeatureSet]], val: ValidationSet, options: RetrievalOptions
 ) -> TuneResult:
     """Fusion weights from each model's validation (query, gallery) features, scored as ``options``
-    rank: views by their best pair, and centring, which acts per model before the weighted sum."""
+    rank: views by their best pair, and centring, which acts per model before the weighted sum;
+    with self-training, each model's own map (as :func:`ranked_lists` learns it) comes first."""
+    if options.self_training is not None:
+        sets = {model: self_trained(query, gallery, options) for model, (query, gallery) in sets.items()}
     return tune_weights(
         {model: domain_centring(query.features, options.centring) for model, (query, _) in sets.items()},
         {model: domain_centring(gallery.features, options.centring) for model, (_, gallery) in sets.items()},

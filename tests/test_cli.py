@@ -135,25 +135,23 @@ def test_full_chain_through_the_cli(demo_data: Path, tmp_path: Path) -> None:
     tuned = invoke("fuse", "--tune", "--backbones", "resnet18", "--workers", "0", *common)
     assert tuned.exit_code == 0, tuned.output
     assert json.loads((weights / "fusion.json").read_text())
-    submitted = invoke(
-        "submit",
-        "--team",
-        "cli",
-        "--router-backbone",
-        "resnet18",
-        "--out",
-        tmp_path / "subs",
-        "--workers",
-        "0",
-        *common,
-    )
-    assert submitted.exit_code == 0, submitted.output
-    item = tmp_path / "subs" / "Item_cli.txt"
-    assert (
-        invoke("validate", item, "--queries", data / "q_all.txt", "--gallery", data / "s.txt").exit_code == 0
-    )
+
+    def submit_valid(team: str, *options: str) -> Path:
+        """``submit`` with ``options``; the file it writes must pass ``validate``."""
+        out = tmp_path / "subs"
+        fixed = ["--team", team, "--router-backbone", "resnet18", "--out", out, "--workers", "0"]
+        submitted = invoke("submit", *fixed, *options, *common)
+        assert submitted.exit_code == 0, submitted.output
+        item = out / f"Item_{team}.txt"
+        checked = invoke("validate", item, "--queries", data / "q_all.txt", "--gallery", data / "s.txt")
+        assert checked.exit_code == 0, checked.output
+        return item
+
+    item = submit_valid("cli")
     scored = invoke("score", item, "--truth", data / "gt.txt", "--json")
     assert 0 <= json.loads(scored.output)["all"]["map"] <= 1
+    # Transductive self-training on the routed test lists, on top of domain centring.
+    submit_valid("cli-st", "--self-training", "--self-training-steps", "5", "--centring", "0.5")
     shown = invoke("show", item, "--data", data, "--out", tmp_path / "sheet.png")
     assert shown.exit_code == 0 and (tmp_path / "sheet.png").stat().st_size > 0
     assert (tmp_path / "sheet.html").exists()

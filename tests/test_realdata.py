@@ -31,6 +31,7 @@ MICRO = {
     "show_progress": False,
     "console": Console(quiet=True),
 }
+MICRO_ROWS = ("histogram", "lite0-frozen-global", "lite0-tuned-global", "lite0-selftrained-global")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def micro_run(grocery: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     report = run_real_protocol(
         grocery,
         out,
-        rows=["histogram", "lite0-frozen-global", "lite0-tuned-global"],
+        rows=list(MICRO_ROWS),
         **MICRO,
     )
     return out, report
@@ -85,7 +86,7 @@ def test_split_follows_the_protocol(micro_run: tuple[Path, object], grocery: Pat
 
 def test_rows_are_scored_on_the_81_image_gallery(micro_run: tuple[Path, object]) -> None:
     out, report = micro_run
-    assert [row.name for row in report.rows] == ["histogram", "lite0-frozen-global", "lite0-tuned-global"]
+    assert [row.name for row in report.rows] == list(MICRO_ROWS)
     for row in report.rows:
         assert row.gallery == 81 and row.queries == 32
         assert all(0 <= value <= 1 for value in (*row.rank1, *row.map10))
@@ -96,11 +97,7 @@ def test_rows_are_scored_on_the_81_image_gallery(micro_run: tuple[Path, object])
     steps = report.step_times
     assert steps is not None and min(steps.data_loading, steps.forward, steps.backward_and_step) > 0
     written = json.loads((out / "REALDATA-results.json").read_text())
-    assert [row["name"] for row in written["rows"]] == [
-        "histogram",
-        "lite0-frozen-global",
-        "lite0-tuned-global",
-    ]
+    assert [row["name"] for row in written["rows"]] == list(MICRO_ROWS)
     markdown = (out / "REALDATA-results.md").read_text()
     assert "| lite0-frozen-global | efficientnet_lite0 | global | frozen | 0 | 0 | 128 |" in markdown
     assert "rank-1 (16)" in markdown
@@ -119,12 +116,22 @@ def test_one_row_rerun_keeps_the_table_and_reuses_the_model(
         time_steps=False,
         **MICRO,
     )
-    assert [row.name for row in report.rows] == ["histogram", "lite0-frozen-global", "lite0-tuned-global"]
+    assert [row.name for row in report.rows] == list(MICRO_ROWS)
     assert report.row("histogram") == first.row("histogram")
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == trained_at, "the model was retrained"
     rerun, original = report.row("lite0-tuned-global"), first.row("lite0-tuned-global")
     assert (rerun.rank1, rerun.map10) == (original.rank1, original.map10)
     assert rerun.cpu_seconds == original.cpu_seconds, "a reused seed reports what it cost when computed"
+
+
+def test_self_trained_row_maps_the_frozen_rows_features(micro_run: tuple[Path, object]) -> None:
+    """Self-training ranks with the frozen row's model and cached features (no model of its own),
+    on the searched queries alone."""
+    out, report = micro_run
+    learned, frozen = report.row("lite0-selftrained-global"), report.row("lite0-frozen-global")
+    assert learned.recipe == "frozen + self-training" and learned.seeds == (0,)
+    assert not (out / "weights" / "lite0-selftrained-global").exists()
+    assert learned.rank1 != frozen.rank1 or learned.map10 != frozen.map10
 
 
 def test_a_smaller_gallery_cannot_score_lower(micro_run: tuple[Path, object]) -> None:

@@ -2,7 +2,8 @@
 
 A row is a ``RowSpec``: the colour histogram, one model (a backbone, a branch set, a recipe: ``frozen``
 = ``train --epochs 0``, the untouched pretrained network; ``tuned`` = the ``finetune`` recipe), or a
-fusion of other rows' models with weights tuned on validation. Every model goes through the
+fusion of other rows' models with weights tuned on validation; any of the last two may self-train on
+the searched queries (``jdfashion.selftrain``, one seed per run). Every model goes through the
 toolkit's own ``train`` -> feature cache -> exact search -> ``metrics.evaluate``, as a user's would.
 """
 
@@ -55,6 +56,7 @@ from jdfashion.pipeline import (
 from jdfashion.realdata.protocol import ROTATED_DIR
 from jdfashion.realdata.table import RowResult, StepTimes
 from jdfashion.search import topk
+from jdfashion.selftrain import SelfTraining
 from jdfashion.train import build_optimizer, load_training_data, model_config_for, resolved, train
 
 RowKind = Literal["histogram", "model", "fused"]
@@ -67,6 +69,9 @@ TUNED_BRANCHES = ("global", "horizontal", "all")
 # Trained rows whose spread over seeds the table reports; frozen rows are deterministic (one run).
 MULTI_SEED_BRANCHES = ("global", "all")
 FUSED_MEMBERS = ("lite0-frozen-horizontal-white", "lite0-frozen-annular", "lite0-tuned-all")
+# Self-trained rows map the frozen network's features: they use the frozen rows' models and caches.
+SELF_TRAINED_BRANCHES = ("global", "horizontal", "all")
+SELF_TRAINED_MEMBERS = ("lite0-frozen-horizontal", "lite0-frozen-annular", "lite0-frozen-all")
 
 # 224 px (Lite0's pretraining size): 14x14 maps with the last stride removed, so every 3-way part has
 # 4-5 rows; the smoke run's 128 px still gives 8x8.
@@ -75,7 +80,14 @@ DEFAULT_EPOCHS = 2  # the finetune recipe's head-only epoch, then one epoch of t
 SMOKE_EPOCHS = 2
 SMOKE_IMAGE_SIZE = 128
 SMOKE_TRAIN_PHOTOS = 12  # consumer photos per training identity in the smoke run
-SMOKE_ROWS = ("histogram", "lite0-frozen-global", "lite0-frozen-horizontal-white", "lite0-tuned-all", "fused")
+SMOKE_ROWS = (
+    "histogram",
+    "lite0-frozen-global",
+    "lite0-selftrained-global",
+    "lite0-frozen-horizontal-white",
+    "lite0-tuned-all",
+    "fused",
+)
 # Every map side must hold 8 cells (stride 16 with the last stride removed): the 3-way cuts and the
 # annular rings are then real regions, not single cells or L-shapes.
 MIN_IMAGE_SIZE = 128
@@ -100,7 +112,13 @@ class QueryVariant:
 
 # Rows whose TTA columns are measured: query-side TTA extracts the 923 queries 4 more times per
 # query set (about 10 minutes a row here), so the branch sets of the frozen network only.
-TTA_ROWS = ("lite0-frozen-global", "lite0-frozen-horizontal", "lite0-frozen-annular", "lite0-frozen-all")
+TTA_ROWS = (
+    "lite0-frozen-global",
+    "lite0-frozen-horizontal",
+    "lite0-frozen-annular",
+    "lite0-frozen-all",
+    "lite0-selftrained-horizontal",  # the frozen horizontal row's TTA views, self-trained on
+)
 # Domain centring 0.5 + query augmentation 5: the values validation chose (docs/REALDATA.md).
 TRANSDUCTIVE = {"centring": 0.5, "query_augmentation": 5}
 QUERY_VARIANTS = (
@@ -121,18 +139,31 @@ class RowSpec:
     recipe: Recipe = "frozen"
     whitening: Literal["none", "supervised"] = "none"
     members: tuple[str, ...] = ()
+    # The row whose trained model this row ranks with (self-trained rows: the frozen row's), else itself.
+    model_row: str = ""
+    self_training: bool = False
 
     @property
     def multi_seed(self) -> bool:
-        return self.kind == "fused" or (self.recipe == "tuned" and self.branches in MULTI_SEED_BRANCHES)
+        return (
+            self.kind == "fused"
+            or self.self_training
+            or (self.recipe == "tuned" and self.branches in MULTI_SEED_BRANCHES)
+        )
 
     @property
     def label(self) -> str:
         if self.kind == "histogram":
             return "-"
+        learned = " + self-training" if self.self_training else ""
         if self.kind == "fused":
-            return "fused: " + " + ".join(self.members)
-        return self.recipe + (" + whitening" if self.whitening != "none" or self.recipe == "tuned" else "")
+            return "fused: " + " + ".join(self.members) + learned
+        whitened = " + whitening" if self.whitening != "none" or self.recipe == "tuned" else ""
+        return self.recipe + whitened + learned
+
+    def options(self, base: RetrievalOptions, seed: int) -> RetrievalOptions:
+        """The retrieval options of this row's ``seed``: self-training seeded by it, if on."""
+        return replace(base, self_training=SelfTraining(seed=seed)) if self.self_training else base
 
 
 def _row_specs() -> dict[str, RowSpec]:
@@ -143,7 +174,21 @@ def _row_specs() -> dict[str, RowSpec]:
         for b in WHITENED_FROZEN
     ]
     specs += [RowSpec(f"{SHORT}-tuned-{b}", "model", BACKBONE, b, recipe="tuned") for b in TUNED_BRANCHES]
+    specs += [
+        RowSpec(
+            f"{SHORT}-selftrained-{b}",
+            "model",
+            BACKBONE,
+            b,
+            model_row=f"{SHORT}-frozen-{b}",
+            self_training=True,
+        )
+        for b in SELF_TRAINED_BRANCHES
+    ]
     specs.append(RowSpec("fused", "fused", BACKBONE, "", members=FUSED_MEMBERS))
+    specs.append(
+        RowSpec("fused-selftrained", "fused", BACKBONE, "", members=SELF_TRAINED_MEMBERS, self_training=True)
+    )
     return {spec.name: spec for spec in specs}
 
 
@@ -167,8 +212,9 @@ class RunSettings:
         tta = spec.name in TTA_ROWS and not self.smoke
         return tuple(variant for variant in QUERY_VARIANTS if tta or not variant.tta)
 
-    def options_for(self, variant: QueryVariant) -> RetrievalOptions:
-        options = replace(self.options, **TRANSDUCTIVE) if variant.transductive else self.options
+    def options_for(self, variant: QueryVariant, row_options: RetrievalOptions) -> RetrievalOptions:
+        """``row_options`` (the row's own, e.g. self-training) with the variant's on top."""
+        options = replace(row_options, **TRANSDUCTIVE) if variant.transductive else row_options
         if not variant.tta:
             return options
         return replace(options, rotations=ROTATION_TTA, rotation_side=self.rotation_side)
@@ -323,18 +369,19 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
     cpu = wall = 0.0
     selections = []
     for seed in settings.seeds_for(spec):
+        options = spec.options(settings.options, seed)
+        # A row on another row's model (self-training) uses that row's model and feature caches.
+        model_spec, model_seed = (ROWS[spec.model_row], settings.seeds[0]) if spec.model_row else (spec, seed)
         with clock() as spent:
-            workspace, trained_now = trained_model(spec, seed, settings, console)
-            sets = _test_features(workspace, spec.backbone, queries, gallery, settings.options)
-            per_seed.append(
-                _rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, settings.options)
-            )
-        cost = _seed_cost(workspace, spec.backbone, spent, trained_now)
+            workspace, trained_now = trained_model(model_spec, model_seed, settings, console)
+            sets = _test_features(workspace, spec.backbone, queries, gallery, options)
+            per_seed.append(_rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, options))
+        cost = spent if spec.model_row else _seed_cost(workspace, spec.backbone, spent, trained_now)
         cpu, wall = cpu + cost["cpu"], wall + cost["wall"]
         selections.append(f"seed {seed}: {_selection_text(workspace, spec.backbone)}")
         console.print(f"{spec.name} seed {seed}: {_scores_text(*per_seed[-1])}")
         single = _Pipeline({spec.backbone: (workspace, spec.backbone)}, gallery, tuned=False)
-        rotation.append(_variant_scores(settings.variants(spec), settings, single, console))
+        rotation.append(_variant_scores(settings.variants(spec), settings, single, options, console))
     return _result(
         spec,
         settings.seeds_for(spec),
@@ -405,22 +452,18 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
             )
 
         fusion = _Pipeline(workspaces, gallery, tuned=True)
+        options = spec.options(settings.options, seed)
         with clock() as spent:
             per_seed.append(
-                _rank_and_score(
-                    fusion.sets(settings.options, queries),
-                    fusion.weights(settings.options),
-                    truth,
-                    settings.options,
-                )
+                _rank_and_score(fusion.sets(options, queries), fusion.weights(options), truth, options)
             )
         cpu, wall = cpu + spent["cpu"], wall + spent["wall"]
-        tuned = fusion.tuning(settings.options)
+        tuned = fusion.tuning(options)
         weights_text = ", ".join(f"{m} {w:.2f}" for m, w in sorted(tuned.weights.items()))
         alone = ", ".join(f"{m} {v:.3f}" for m, (v, _) in sorted(tuned.per_model.items()))
         chosen.append(f"seed {seed}: {weights_text} (val mAP@10 fused {tuned.fused_map:.3f}; alone {alone})")
         console.print(f"fused seed {seed}: {weights_text}; {_scores_text(*per_seed[-1])}")
-        rotation.append(_variant_scores(settings.variants(spec), settings, fusion, console))
+        rotation.append(_variant_scores(settings.variants(spec), settings, fusion, options, console))
     note = "weights tuned on validation; seconds exclude training the members (their rows); "
     return _result(
         spec,
@@ -464,12 +507,16 @@ class _Pipeline:
 
 
 def _variant_scores(
-    variants: tuple[QueryVariant, ...], settings: RunSettings, pipeline: _Pipeline, console: Console
+    variants: tuple[QueryVariant, ...],
+    settings: RunSettings,
+    pipeline: _Pipeline,
+    row_options: RetrievalOptions,
+    console: Console,
 ) -> dict[str, Scores]:
     """Scores of the row's rankings for each variant (rotated queries, rotation TTA, transductive)."""
     scores = {}
     for variant in variants:
-        options = settings.options_for(variant)
+        options = settings.options_for(variant, row_options)
         variant_queries, truth = settings.queries_for(variant)
         scores[variant.name] = _rank_and_score(
             pipeline.sets(options, variant_queries), pipeline.weights(options), truth, options

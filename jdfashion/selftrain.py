@@ -1,0 +1,123 @@
+"""Transductive self-training: a part map learned from the searched lists themselves (beyond the paper).
+
+Why it exists: on the Grocery protocol (docs/REALDATA.md) nothing learned from the training identities
+transfers to unseen products, while statistics of the searched sets do (domain centring, query
+augmentation). Self-training combines the two: rank the queries, take each confident query's top
+gallery item as its label, learn one linear map shared by every part so that each labelled query
+moves towards its item and away from the other candidates, then rank again with the mapped features.
+It uses no label of any query or gallery image, only the lists a submission searches (as every
+competitor has them at submission time), and it starts at the identity, so a map that learned nothing
+ranks as the frozen features do.
+
+The softmax runs over each step's candidates (the union of its anchors' top ``negatives`` gallery
+items), so a step costs the same whether the gallery holds 81 images or 154k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jdfashion.search import Features, views
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelfTraining:
+    """The settings measured on the Grocery protocol (docs/REALDATA.md, 'Training on the searched photos')."""
+
+    keep: float = 0.6  # the share of queries, most confident first, used as labelled anchors
+    steps: int = 100
+    batch_size: int = 256
+    lr: float = 1e-4
+    scale: float = 30.0  # softmax temperature on cosines
+    negatives: int = 32  # each anchor's top gallery items that compete in its softmax
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"self-training keep must be in (0, 1], got {self.keep}")
+        if min(self.steps, self.batch_size, self.negatives) < 1 or self.lr <= 0 or self.scale <= 0:
+            raise ValueError(
+                "self-training needs steps, batch_size, negatives >= 1 and lr, scale > 0, got "
+                f"{self.steps}, {self.batch_size}, {self.negatives}, {self.lr}, {self.scale}"
+            )
+
+
+def confident_queries(scores: np.ndarray, keep: float) -> np.ndarray:
+    """Indices of the ``keep`` share of queries whose first score leads their second the most.
+
+    ``scores`` is (Q, >= 2), best first. A large lead is where the first result is most often right
+    (measured: keeping 60 % beat 30 % and 100 %)."""
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"need (Q, >= 2) ranked scores, got {scores.shape}")
+    margin = scores[:, 0].astype(np.float64) - scores[:, 1]
+    count = max(1, math.ceil(keep * len(scores))) if len(scores) else 0
+    return np.sort(np.argsort(-margin, kind="stable")[:count])
+
+
+def as_parts(features: Features, num_parts: int) -> torch.Tensor:
+    """(..., P*C) embeddings (unit parts scaled by 1/sqrt(P), as ``model.mgpa.embed_parts``) -> (..., P, C)
+    unit parts in fp32; zero rows (undecodable images) stay zero."""
+    features = torch.as_tensor(features).float()
+    if features.shape[-1] % num_parts:
+        raise ValueError(f"{features.shape[-1]}-d features do not split into {num_parts} parts")
+    parts = features.unflatten(-1, (num_parts, features.shape[-1] // num_parts))
+    return F.normalize(parts, dim=-1)
+
+
+def embed(parts: torch.Tensor, part_map: torch.Tensor) -> torch.Tensor:
+    """(..., P, C) parts through the shared (C, C) map, each re-normalised, concatenated, unit norm."""
+    mapped = F.normalize(parts @ part_map, dim=-1)
+    return mapped.flatten(-2) / math.sqrt(parts.shape[-2])
+
+
+def learn_part_map(
+    anchors: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: torch.Tensor,
+    gallery: torch.Tensor,
+    settings: SelfTraining,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """The (C, C) map, identity start, that makes each anchor's labelled gallery item its nearest.
+
+    ``anchors`` (n, P, C) unit query parts, ``labels`` (n,) their gallery rows, ``candidates`` (n, c)
+    each anchor's top gallery rows (its competitors), ``gallery`` (M, P, C) unit gallery parts.
+    Cross-entropy over the step's candidates at ``settings.scale``, Adam, ``settings.steps`` batches
+    drawn with replacement from a generator seeded by ``settings.seed``.
+    """
+    if len(anchors) != len(labels) or len(anchors) != len(candidates):
+        raise ValueError(f"{len(anchors)} anchors, {len(labels)} labels, {len(candidates)} candidate rows")
+    dim = anchors.shape[-1]
+    part_map = torch.eye(dim, device=device, requires_grad=True)
+    if not len(anchors):
+        return part_map.detach().cpu()
+    optimizer = torch.optim.Adam([part_map], lr=settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    competitors = candidates[:, : settings.negatives]
+    for _ in range(settings.steps):
+        batch = torch.randint(len(anchors), (min(settings.batch_size, len(anchors)),), generator=generator)
+        classes, targets = torch.unique(
+            torch.cat([labels[batch], competitors[batch].flatten()]), return_inverse=True
+        )
+        logits = embed(anchors[batch].to(device), part_map) @ embed(gallery[classes].to(device), part_map).T
+        loss = F.cross_entropy(settings.scale * logits, targets[: len(batch)].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return part_map.detach().cpu()
+
+
+def apply_part_map(features: Features, num_parts: int, part_map: torch.Tensor) -> torch.Tensor:
+    """(N, D) or (V, N, D) embeddings through the map, fp32, by blocks (a JD gallery is 154k rows)."""
+    out = torch.empty(tuple(features.shape), dtype=torch.float32)
+    for number, view in enumerate(views(features)):
+        target = out[number] if features.ndim == 3 else out
+        for start in range(0, len(view), 8192):
+            rows = slice(start, start + 8192)
+            target[rows] = embed(as_parts(view[rows], num_parts), part_map)
+    return out
