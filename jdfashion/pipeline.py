@@ -41,7 +41,7 @@ from jdfashion.paths import (
 )
 from jdfashion.rerank import database_augmentation, domain_centring, k_reciprocal_rerank, query_expansion
 from jdfashion.search import best_view, topk, views
-from jdfashion.selftrain import SelfTraining, apply_part_map, as_parts, confident_queries, learn_part_map
+from jdfashion.selftrain import SelfTraining, apply_part_map, confident_queries, learn_part_map, part_view
 from jdfashion.submission import submission_filename, write_submission
 
 TOP_K = 10
@@ -524,11 +524,11 @@ def self_trained(
     scores, rows = _ranking({"model": query_set}, {"model": gallery_set}, single, labelling, width)
     anchors = confident_queries(scores, settings.keep)
     parts = query_set.parts
-    query_parts = as_parts(best_view(query_set.features, gallery_set.features)[anchors], parts)
+    query_parts = part_view(best_view(query_set.features, gallery_set.features)[anchors], parts)
     rows = torch.from_numpy(rows[anchors])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     part_map = learn_part_map(
-        query_parts, rows[:, 0], rows[:, 1:], as_parts(gallery_set.features, parts), settings, device
+        query_parts, rows[:, 0], rows[:, 1:], part_view(gallery_set.features, parts), settings, device
     )
     return tuple(  # type: ignore[return-value]
         dataclasses.replace(side, features=apply_part_map(side.features, parts, part_map))

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jdfashion.search import Features, views
+from jdfashion.search import Features, is_half, views
+
+BLOCK_ROWS = 8192  # rows mapped at a time: a JD gallery is 154k rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,14 +61,18 @@ def confident_queries(scores: np.ndarray, keep: float) -> np.ndarray:
     return np.sort(np.argsort(-margin, kind="stable")[:count])
 
 
-def as_parts(features: Features, num_parts: int) -> torch.Tensor:
-    """(..., P*C) embeddings (unit parts scaled by 1/sqrt(P), as ``model.mgpa.embed_parts``) -> (..., P, C)
-    unit parts in fp32; zero rows (undecodable images) stay zero."""
-    features = torch.as_tensor(features).float()
+def part_view(features: Features, num_parts: int) -> torch.Tensor:
+    """(..., P*C) embeddings (unit parts scaled by 1/sqrt(P), as ``model.mgpa.embed_parts``) as
+    (..., P, C), in their own dtype and without a copy (a cached gallery stays fp16)."""
+    features = torch.as_tensor(features)
     if features.shape[-1] % num_parts:
         raise ValueError(f"{features.shape[-1]}-d features do not split into {num_parts} parts")
-    parts = features.unflatten(-1, (num_parts, features.shape[-1] // num_parts))
-    return F.normalize(parts, dim=-1)
+    return features.unflatten(-1, (num_parts, features.shape[-1] // num_parts))
+
+
+def as_parts(features: Features, num_parts: int) -> torch.Tensor:
+    """Unit fp32 parts of (..., P*C) embeddings; zero rows (undecodable images) stay zero."""
+    return F.normalize(part_view(features, num_parts).float(), dim=-1)
 
 
 def embed(parts: torch.Tensor, part_map: torch.Tensor) -> torch.Tensor:
@@ -85,8 +91,9 @@ def learn_part_map(
 ) -> torch.Tensor:
     """The (C, C) map, identity start, that makes each anchor's labelled gallery item its nearest.
 
-    ``anchors`` (n, P, C) unit query parts, ``labels`` (n,) their gallery rows, ``candidates`` (n, c)
-    each anchor's top gallery rows (its competitors), ``gallery`` (M, P, C) unit gallery parts.
+    ``anchors`` (n, P, C) query parts, ``labels`` (n,) their gallery rows, ``candidates`` (n, c) each
+    anchor's top gallery rows (its competitors), ``gallery`` (M, P, C) gallery parts (any dtype, e.g.
+    a :func:`part_view` of the fp16 cache: only each step's rows are converted).
     Cross-entropy over the step's candidates at ``settings.scale``, Adam, ``settings.steps`` batches
     drawn with replacement from a generator seeded by ``settings.seed``.
     """
@@ -104,7 +111,10 @@ def learn_part_map(
         classes, targets = torch.unique(
             torch.cat([labels[batch], competitors[batch].flatten()]), return_inverse=True
         )
-        logits = embed(anchors[batch].to(device), part_map) @ embed(gallery[classes].to(device), part_map).T
+        queries, items = (
+            F.normalize(x.to(device).float(), dim=-1) for x in (anchors[batch], gallery[classes])
+        )
+        logits = embed(queries, part_map) @ embed(items, part_map).T
         loss = F.cross_entropy(settings.scale * logits, targets[: len(batch)].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,11 +123,11 @@ def learn_part_map(
 
 
 def apply_part_map(features: Features, num_parts: int, part_map: torch.Tensor) -> torch.Tensor:
-    """(N, D) or (V, N, D) embeddings through the map, fp32, by blocks (a JD gallery is 154k rows)."""
-    out = torch.empty(tuple(features.shape), dtype=torch.float32)
+    """(N, D) or (V, N, D) embeddings through the map, by blocks; fp16 stays fp16, else fp32."""
+    out = torch.empty(tuple(features.shape), dtype=torch.float16 if is_half(features) else torch.float32)
     for number, view in enumerate(views(features)):
         target = out[number] if features.ndim == 3 else out
-        for start in range(0, len(view), 8192):
-            rows = slice(start, start + 8192)
-            target[rows] = embed(as_parts(view[rows], num_parts), part_map)
+        for start in range(0, len(view), BLOCK_ROWS):
+            rows = slice(start, start + BLOCK_ROWS)
+            target[rows] = embed(as_parts(view[rows], num_parts), part_map).to(out.dtype)
     return out

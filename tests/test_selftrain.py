@@ -77,7 +77,8 @@ def test_the_identity_map_gives_back_the_features_and_failed_rows_stay_zero() ->
     features = embedded(queries)
     features[3] = 0
     mapped = apply_part_map(features.half(), PARTS, torch.eye(DIM))
-    assert torch.allclose(mapped, features, atol=2e-3)
+    assert mapped.dtype == torch.float16, "a cached fp16 gallery stays fp16"
+    assert torch.allclose(mapped.float(), features, atol=2e-3)
     assert not mapped[3].any()
     views = apply_part_map(torch.stack([features, features.flip(0)]), PARTS, torch.eye(DIM))
     assert views.shape == (2, *features.shape) and torch.allclose(views[1], features.flip(0), atol=1e-6)
@@ -153,3 +154,16 @@ def test_fusion_is_tuned_on_self_trained_features() -> None:
     plain = tune_on_validation(sets, val, RetrievalOptions(show_progress=False))
     learned = tune_on_validation(sets, val, RetrievalOptions(show_progress=False, self_training=FAST))
     assert learned.fused_map > plain.fused_map
+
+
+def test_table_rows_seed_self_training_and_share_the_frozen_model() -> None:
+    from jdfashion.realdata.rows import ROWS, TRANSDUCTIVE
+
+    base = RetrievalOptions(show_progress=False)
+    row = ROWS["lite0-selftrained-horizontal-transductive"]
+    options = row.options(base, seed=2)
+    assert options.self_training == SelfTraining(seed=2)
+    assert (options.centring, options.query_augmentation) == tuple(TRANSDUCTIVE.values())
+    assert row.model_row == "lite0-frozen-horizontal" and row.multi_seed
+    assert ROWS["lite0-frozen-horizontal"].options(base, seed=2) == base
+    assert ROWS["lite0-selftrained-all"].options(base, seed=1).centring == 0

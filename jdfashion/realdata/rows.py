@@ -117,7 +117,7 @@ TTA_ROWS = (
     "lite0-frozen-horizontal",
     "lite0-frozen-annular",
     "lite0-frozen-all",
-    "lite0-selftrained-horizontal",  # the frozen horizontal row's TTA views, self-trained on
+    "lite0-selftrained-horizontal-transductive",  # the frozen horizontal row's TTA views
 )
 # Domain centring 0.5 + query augmentation 5: the values validation chose (docs/REALDATA.md).
 TRANSDUCTIVE = {"centring": 0.5, "query_augmentation": 5}
@@ -139,9 +139,11 @@ class RowSpec:
     recipe: Recipe = "frozen"
     whitening: Literal["none", "supervised"] = "none"
     members: tuple[str, ...] = ()
-    # The row whose trained model this row ranks with (self-trained rows: the frozen row's), else itself.
+    # The row whose trained model this row ranks with (rows that differ only in retrieval options use
+    # the frozen row's model and feature caches), else itself.
     model_row: str = ""
     self_training: bool = False
+    transductive: bool = False  # domain centring + query augmentation (TRANSDUCTIVE) in the main columns
 
     @property
     def multi_seed(self) -> bool:
@@ -155,7 +157,9 @@ class RowSpec:
     def label(self) -> str:
         if self.kind == "histogram":
             return "-"
-        learned = " + self-training" if self.self_training else ""
+        learned = (" + self-training" if self.self_training else "") + (
+            " + transductive" if self.transductive else ""
+        )
         if self.kind == "fused":
             return "fused: " + " + ".join(self.members) + learned
         whitened = " + whitening" if self.whitening != "none" or self.recipe == "tuned" else ""
@@ -163,7 +167,8 @@ class RowSpec:
 
     def options(self, base: RetrievalOptions, seed: int) -> RetrievalOptions:
         """The retrieval options of this row's ``seed``: self-training seeded by it, if on."""
-        return replace(base, self_training=SelfTraining(seed=seed)) if self.self_training else base
+        options = replace(base, **TRANSDUCTIVE) if self.transductive else base
+        return replace(options, self_training=SelfTraining(seed=seed)) if self.self_training else options
 
 
 def _row_specs() -> dict[str, RowSpec]:
@@ -174,20 +179,36 @@ def _row_specs() -> dict[str, RowSpec]:
         for b in WHITENED_FROZEN
     ]
     specs += [RowSpec(f"{SHORT}-tuned-{b}", "model", BACKBONE, b, recipe="tuned") for b in TUNED_BRANCHES]
-    specs += [
-        RowSpec(
-            f"{SHORT}-selftrained-{b}",
-            "model",
-            BACKBONE,
-            b,
-            model_row=f"{SHORT}-frozen-{b}",
-            self_training=True,
+    # The same frozen models under test-time options: transductive, self-trained, both.
+    for b in SELF_TRAINED_BRANCHES:
+        frozen = f"{SHORT}-frozen-{b}"
+        specs.append(
+            RowSpec(f"{frozen}-transductive", "model", BACKBONE, b, model_row=frozen, transductive=True)
         )
-        for b in SELF_TRAINED_BRANCHES
-    ]
+        for transductive in (False, True):
+            name = f"{SHORT}-selftrained-{b}" + ("-transductive" if transductive else "")
+            specs.append(
+                RowSpec(
+                    name,
+                    "model",
+                    BACKBONE,
+                    b,
+                    model_row=frozen,
+                    self_training=True,
+                    transductive=transductive,
+                )
+            )
     specs.append(RowSpec("fused", "fused", BACKBONE, "", members=FUSED_MEMBERS))
     specs.append(
-        RowSpec("fused-selftrained", "fused", BACKBONE, "", members=SELF_TRAINED_MEMBERS, self_training=True)
+        RowSpec(
+            "fused-selftrained-transductive",
+            "fused",
+            BACKBONE,
+            "",
+            members=SELF_TRAINED_MEMBERS,
+            self_training=True,
+            transductive=True,
+        )
     )
     return {spec.name: spec for spec in specs}
 
