@@ -70,7 +70,7 @@ TUNED_BRANCHES = ("global", "horizontal", "all")
 MULTI_SEED_BRANCHES = ("global", "all")
 FUSED_MEMBERS = ("lite0-frozen-horizontal-white", "lite0-frozen-annular", "lite0-tuned-all")
 # Self-trained rows map the frozen network's features: they use the frozen rows' models and caches.
-SELF_TRAINED_BRANCHES = ("global", "horizontal", "all")
+SELF_TRAINED_BRANCHES = ("global", "horizontal", "annular", "all")
 SELF_TRAINED_MEMBERS = ("lite0-frozen-horizontal", "lite0-frozen-annular", "lite0-frozen-all")
 
 # 224 px (Lite0's pretraining size): 14x14 maps with the last stride removed, so every 3-way part has
@@ -399,7 +399,8 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
             per_seed.append(_rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, options))
         cost = spent if spec.model_row else _seed_cost(workspace, spec.backbone, spent, trained_now)
         cpu, wall = cpu + cost["cpu"], wall + cost["wall"]
-        selections.append(f"seed {seed}: {_selection_text(workspace, spec.backbone)}")
+        chosen = _validation_text(workspace, spec.backbone, options) if spec.model_row else None
+        selections.append(f"seed {seed}: {chosen or _selection_text(workspace, spec.backbone)}")
         console.print(f"{spec.name} seed {seed}: {_scores_text(*per_seed[-1])}")
         single = _Pipeline({spec.backbone: (workspace, spec.backbone)}, gallery, tuned=False)
         rotation.append(_variant_scores(settings.variants(spec), settings, single, options, console))
@@ -436,6 +437,15 @@ def _selection_text(workspace: Workspace, backbone: str) -> str:
         elif row.get("stage") == "whitening":
             parts.append(f"whitened {row.get('val_map', float('nan')):.3f}")
     return ", ".join(parts)
+
+
+def _validation_text(workspace: Workspace, backbone: str, options: RetrievalOptions) -> str:
+    """Validation scores of a model under a row's retrieval options (the frozen model's own are in its
+    row): does validation agree with the test about what the options add?"""
+    val = validation_set(workspace, GROCERY_CATEGORY)
+    sets = extract_validation(workspace, backbone, GROCERY_CATEGORY, options)
+    scores = _rank_and_score({backbone: sets}, {backbone: 1.0}, val.truth, options)[0].overall
+    return f"validation rank-1 {scores.rank1:.3f} mAP@10 {scores.map:.3f} with the row's options"
 
 
 def _seed_cost(
