@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from jdfashion.search import Features, is_half, rank_rows, topk, unit_rows, views
+from jdfashion.search import Features, map_rows, rank_rows, row_blocks, topk, unit_rows, views
 
 CPU = torch.device("cpu")
 NODE_BATCH = 8192
@@ -212,16 +212,15 @@ def _weighted_neighbour_sum(
     base: Features, gallery: Features, scores: np.ndarray, indices: np.ndarray, alpha: float, what: str
 ) -> torch.Tensor:
     """unit(base + sum_i max(s_i, 0)^alpha * g_i) per row; fp16 stays fp16 (a fused gallery is large)."""
-    dtype = torch.float16 if is_half(base) else torch.float32
-    out = torch.empty(tuple(base.shape), dtype=dtype)
     weights = torch.from_numpy(np.clip(scores, 0, None).astype(np.float32)) ** alpha
-    for start in range(0, len(base), NODE_BATCH):
-        rows = np.arange(start, min(start + NODE_BATCH, len(base)))
+
+    def summed(view: Features, rows: np.ndarray) -> torch.Tensor:
         neighbours = unit_rows(gallery, indices[rows].ravel(), CPU, "gallery")
-        neighbours = neighbours.reshape(len(rows), indices.shape[1], base.shape[1])
-        summed = unit_rows(base, rows, CPU, what) + (weights[rows, :, None] * neighbours).sum(dim=1)
-        out[rows] = torch.nn.functional.normalize(summed, dim=1).to(dtype)
-    return out
+        neighbours = neighbours.reshape(len(rows), indices.shape[1], view.shape[1])
+        total = unit_rows(view, rows, CPU, what) + (weights[rows, :, None] * neighbours).sum(dim=1)
+        return torch.nn.functional.normalize(total, dim=1)
+
+    return map_rows(base, summed)
 
 
 def query_expansion(
@@ -283,16 +282,12 @@ def domain_centring(features: Features, fraction: float) -> Features:
     if fraction == 0 or features.shape[-2] == 0:
         return features
     parts = views(features)
-    chunks = [
-        np.arange(start, min(start + NODE_BATCH, len(parts[0])))
-        for start in range(0, len(parts[0]), NODE_BATCH)
-    ]
+    chunks = list(row_blocks(len(parts[0])))
     mean = sum(unit_rows(view, rows, CPU, "centred").sum(dim=0) for view in parts for rows in chunks)
     mean = mean / (len(parts) * len(parts[0]))
-    out = torch.empty(tuple(features.shape), dtype=torch.float16 if is_half(features) else torch.float32)
-    for number, view in enumerate(parts):
-        target = out[number] if features.ndim == 3 else out
-        for rows in chunks:
-            centred = unit_rows(view, rows, CPU, "centred") - fraction * mean
-            target[rows] = torch.nn.functional.normalize(centred, dim=1).to(out.dtype)
-    return out
+    return map_rows(
+        features,
+        lambda view, rows: torch.nn.functional.normalize(
+            unit_rows(view, rows, CPU, "centred") - fraction * mean, dim=1
+        ),
+    )

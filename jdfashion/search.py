@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ DEFAULT_QUERY_CHUNK_SIZE = 1024
 DEFAULT_MARGIN = 32
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESCORE_ROWS = 8192  # gathered candidate rows per re-score step (fp64: 268 MB at D = 4096)
+BLOCK_ROWS = 8192  # rows a per-row transform (centring, mapping) holds in fp32 at a time
 UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
     torch.float32: 2.0**-24,
@@ -135,6 +136,25 @@ def unit_rows(
 def views(features: Features) -> list[Features]:
     """The views of (N, D) or (V, N, D) features, each (N, D)."""
     return [features] if features.ndim == 2 else [features[view] for view in range(features.shape[0])]
+
+
+def row_blocks(count: int) -> Iterator[np.ndarray]:
+    """Consecutive blocks of at most ``BLOCK_ROWS`` row numbers covering ``range(count)``."""
+    for start in range(0, count, BLOCK_ROWS):
+        yield np.arange(start, min(start + BLOCK_ROWS, count))
+
+
+def map_rows(features: Features, transform: Callable[[Features, np.ndarray], torch.Tensor]) -> torch.Tensor:
+    """New features, ``transform(view, rows)`` block by block for each view of (N, D) or (V, N, D) ones.
+
+    fp16 stays fp16, else fp32, and only a block is ever in fp32: a 154k-row fp16 gallery is never
+    copied whole at double the size."""
+    out = torch.empty(tuple(features.shape), dtype=torch.float16 if is_half(features) else torch.float32)
+    for number, view in enumerate(views(features)):
+        target = out[number] if features.ndim == 3 else out
+        for rows in row_blocks(len(view)):
+            target[int(rows[0]) : int(rows[-1]) + 1] = transform(view, rows).to(out.dtype)
+    return out
 
 
 def best_view(queries: Features, gallery: Features) -> Features:

@@ -22,9 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jdfashion.search import Features, is_half, views
-
-BLOCK_ROWS = 8192  # rows mapped at a time: a JD gallery is 154k rows
+from jdfashion.search import Features, map_rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,10 +122,6 @@ def learn_part_map(
 
 def apply_part_map(features: Features, num_parts: int, part_map: torch.Tensor) -> torch.Tensor:
     """(N, D) or (V, N, D) embeddings through the map, by blocks; fp16 stays fp16, else fp32."""
-    out = torch.empty(tuple(features.shape), dtype=torch.float16 if is_half(features) else torch.float32)
-    for number, view in enumerate(views(features)):
-        target = out[number] if features.ndim == 3 else out
-        for start in range(0, len(view), BLOCK_ROWS):
-            rows = slice(start, start + BLOCK_ROWS)
-            target[rows] = embed(as_parts(view[rows], num_parts), part_map).to(out.dtype)
-    return out
+    return map_rows(
+        features, lambda view, rows: embed(as_parts(view[rows[0] : rows[-1] + 1], num_parts), part_map)
+    )

@@ -272,3 +272,21 @@ def test_cuda_searches_switch_off_tf32_and_reduced_precision_sums_then_restore_t
     finally:
         for name, value in saved.items():
             setattr(matmul, name, value)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_map_rows_covers_every_row_of_every_view_block_by_block(dtype: type) -> None:
+    """Across a block boundary and two views: each output row is the transform of its own row, in
+    the input's half or full precision, and no block is ever larger than BLOCK_ROWS."""
+    count = search_module.BLOCK_ROWS + 5
+    features = np.random.default_rng(0).standard_normal((2, count, 3)).astype(dtype)
+    seen = []
+
+    def doubled(view: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        seen.append(len(rows))
+        return torch.from_numpy(view[rows].astype(np.float32) * 2)
+
+    out = search_module.map_rows(features, doubled)
+    assert out.dtype == (torch.float16 if dtype == np.float16 else torch.float32)
+    assert seen == [search_module.BLOCK_ROWS, 5] * 2
+    assert torch.equal(out, torch.from_numpy(features.astype(np.float32) * 2).to(out.dtype))
