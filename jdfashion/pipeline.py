@@ -41,7 +41,14 @@ from jdfashion.paths import (
 )
 from jdfashion.rerank import database_augmentation, domain_centring, k_reciprocal_rerank, query_expansion
 from jdfashion.search import best_view, topk, views
-from jdfashion.selftrain import SelfTraining, apply_part_map, confident_queries, learn_part_map, part_view
+from jdfashion.selftrain import (
+    SelfTraining,
+    apply_part_map,
+    confident_queries,
+    labelled_views,
+    learn_part_map,
+    part_view,
+)
 from jdfashion.submission import submission_filename, write_submission
 
 TOP_K = 10
@@ -512,7 +519,7 @@ def self_trained(
 
     The ranking under ``options`` labels each query with its first result; the most confident share
     are the anchors, their next results the competitors (:func:`jdfashion.selftrain.learn_part_map`).
-    Views of a query (rotation TTA) train through the best one and are all mapped."""
+    Views of a query (rotation TTA) train through the one closest to its label and are all mapped."""
     settings = options.self_training
     if settings is None:
         return query_set, gallery_set
@@ -524,8 +531,9 @@ def self_trained(
     scores, rows = _ranking({"model": query_set}, {"model": gallery_set}, single, labelling, width)
     anchors = confident_queries(scores, settings.keep)
     parts = query_set.parts
-    query_parts = part_view(best_view(query_set.features, gallery_set.features)[anchors], parts)
     rows = torch.from_numpy(rows[anchors])
+    anchor_views = labelled_views(query_set.features[..., anchors, :], gallery_set.features, rows[:, 0])
+    query_parts = part_view(anchor_views, parts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     part_map = learn_part_map(
         query_parts, rows[:, 0], rows[:, 1:], part_view(gallery_set.features, parts), settings, device
