@@ -43,13 +43,15 @@ class FeatureSet:
 
     ``features`` is (N, D), or (V, N, D) for V views of each image (rotation TTA: :func:`stack_views`),
     which the search reduces by the best view per pair. ``parts``: how many unit parts the embedding
-    concatenates (``model.mgpa.embed_parts``), which self-training maps one by one.
+    concatenates (``model.mgpa.embed_parts``), which self-training maps one by one; ``part_mapped``:
+    whether that map is applied already, so a set is never mapped twice.
     """
 
     ids: list[str]
     features: torch.Tensor
     failed: list[str] = field(default_factory=list)
     parts: int = 1
+    part_mapped: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -146,6 +146,7 @@ class Workspace:
     weights: WeightsLayout
     device: str | None = None
     _models: dict[Path, TrainedModel] = field(default_factory=dict, repr=False)
+    _self_trained: dict[Hashable, tuple[FeatureSet, FeatureSet]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def at(
@@ -163,6 +164,20 @@ class Workspace:
         if self.device:
             return self.device
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+    def self_trained(
+        self, pair: tuple[FeatureSet, FeatureSet], options: RetrievalOptions, key: Hashable | None = None
+    ) -> tuple[FeatureSet, FeatureSet]:
+        """One model's (query, gallery) through its self-trained map (:func:`self_trained`) on this
+        run's device. With ``key`` (which model's features of which split) the map is learned once per
+        options: ``fuse --tune`` tunes, scores and compares on validation with the same map."""
+        if options.self_training is None:
+            return pair
+        if key is None:
+            return self_trained(*pair, options, self.run_device)
+        if (key, options) not in self._self_trained:
+            self._self_trained[key, options] = self_trained(*pair, options, self.run_device)
+        return self._self_trained[key, options]
 
     @cached_property
     def categories(self) -> list[Category]:
@@ -344,6 +359,15 @@ def extract_validation(
     )
 
 
+def validation_features(
+    workspace: Workspace, backbone: str, category: Category, options: RetrievalOptions
+) -> tuple[FeatureSet, FeatureSet]:
+    """One model's validation features as ``options`` rank them: extracted (or cached), then, with
+    self-training, mapped by the run's one map for this model and options."""
+    pair = extract_validation(workspace, backbone, category, options)
+    return workspace.self_trained(pair, options, key=("val", category.label, backbone))
+
+
 @dataclass
 class TestAssignment:
     """The test queries and gallery with each image's predicted category (the router's output)."""
@@ -513,15 +537,21 @@ def _ranking(
 
 
 def self_trained(
-    query_set: FeatureSet, gallery_set: FeatureSet, options: RetrievalOptions
+    query_set: FeatureSet,
+    gallery_set: FeatureSet,
+    options: RetrievalOptions,
+    device: str | torch.device | None = None,
 ) -> tuple[FeatureSet, FeatureSet]:
     """One model's query and gallery features through a part map learned from its own ranking.
 
     The ranking under ``options`` labels each query with its first result; the most confident share
     are the anchors, their next results the competitors (:func:`jdfashion.selftrain.learn_part_map`).
-    Views of a query (rotation TTA) train through the one closest to its label and are all mapped."""
+    Views of a query (rotation TTA) train through the one closest to its label and are all mapped.
+    The map is learned on ``device``: the commands pass their run's (:meth:`Workspace.run_device`);
+    ``None`` is torch's current CUDA device if there is one, else the CPU. Sets already mapped come
+    back as they are."""
     settings = options.self_training
-    if settings is None:
+    if settings is None or query_set.part_mapped or gallery_set.part_mapped:
         return query_set, gallery_set
     width = min(settings.negatives + 1, len(gallery_set))
     if width < 2 or not len(query_set):
@@ -534,12 +564,13 @@ def self_trained(
     rows = torch.from_numpy(rows[anchors])
     anchor_views = labelled_views(query_set.features[..., anchors, :], gallery_set.features, rows[:, 0])
     query_parts = part_view(anchor_views, parts)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     part_map = learn_part_map(
         query_parts, rows[:, 0], rows[:, 1:], part_view(gallery_set.features, parts), settings, device
     )
     return tuple(  # type: ignore[return-value]
-        dataclasses.replace(side, features=apply_part_map(side.features, parts, part_map))
+        dataclasses.replace(side, features=apply_part_map(side.features, parts, part_map), part_mapped=True)
         for side in (query_set, gallery_set)
     )
 
@@ -580,7 +611,7 @@ def tune_fusion(
     results: dict[Category, TuneResult] = {}
     for category in categories:
         sets = {
-            backbone: extract_validation(workspace, backbone, category, options)
+            backbone: validation_features(workspace, backbone, category, options)
             for backbone in workspace.backbones(category, backbones)
         }
         results[category] = tune_on_validation(sets, validation_set(workspace, category), options)
@@ -613,7 +644,7 @@ def evaluate_validation(
     for category in categories:
         val = validation_set(workspace, category)
         category_weights = weights_for(workspace, weights, category)
-        sets = {b: extract_validation(workspace, b, category, options) for b in category_weights}
+        sets = {b: validation_features(workspace, b, category, options) for b in category_weights}
         run.update(
             ranked_lists(
                 {b: s[0] for b, s in sets.items()},
@@ -710,7 +741,10 @@ def submit(
         queries, gallery = assignment.subset(routed)
         category_weights = weights_for(workspace, weights, routed)
         if gallery:
-            sets = {b: extract_test(workspace, b, routed, assignment, options) for b in category_weights}
+            sets = {
+                b: workspace.self_trained(extract_test(workspace, b, routed, assignment, options), options)
+                for b in category_weights
+            }
             ranked.update(
                 ranked_lists(
                     {b: s[0] for b, s in sets.items()},

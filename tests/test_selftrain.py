@@ -9,9 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jdfashion import pipeline
 from jdfashion.data.jdformat import Box, Category, ImageRef
 from jdfashion.features import FeatureSet
-from jdfashion.pipeline import RetrievalOptions, ValidationSet, ranked_lists, self_trained, tune_on_validation
+from jdfashion.pipeline import (
+    RetrievalOptions,
+    ValidationSet,
+    Workspace,
+    ranked_lists,
+    self_trained,
+    tune_on_validation,
+)
 from jdfashion.search import topk
 from jdfashion.selftrain import (
     SelfTraining,
@@ -170,6 +178,36 @@ def test_fusion_is_tuned_on_self_trained_features() -> None:
     plain = tune_on_validation(sets, val, RetrievalOptions(show_progress=False))
     learned = tune_on_validation(sets, val, RetrievalOptions(show_progress=False, self_training=FAST))
     assert learned.fused_map > plain.fused_map
+
+
+def test_a_run_learns_each_map_once_on_its_own_device(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun (a GPU mocked: none here) rank 1 learns on cuda:1; a keyed pair is learned once
+    per options, and mapped sets are never mapped again, by the workspace or by ranked_lists."""
+    devices = []
+
+    def recording(anchors: torch.Tensor, *args: object) -> torch.Tensor:
+        devices.append(args[-1])
+        return torch.eye(anchors.shape[-1])  # the identity: torch's optimiser would look for the GPU
+
+    monkeypatch.setattr(pipeline, "learn_part_map", recording)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    workspace = Workspace.at(tmp_path / "data", tmp_path / "weights")
+    queries, gallery, _ = feature_sets(0)
+    options = RetrievalOptions(show_progress=False, self_training=FAST)
+    mapped = workspace.self_trained((queries, gallery), options, key=("val", "m"))
+    assert devices == ["cuda:1"]
+    assert workspace.self_trained((queries, gallery), options, key=("val", "m")) is mapped
+    assert all(side.part_mapped for side in mapped) and len(devices) == 1
+    reseeded = dataclasses.replace(options, self_training=dataclasses.replace(FAST, seed=1))
+    workspace.self_trained((queries, gallery), reseeded, key=("val", "m"))
+    assert len(devices) == 2
+    assert all(again is side for again, side in zip(self_trained(*mapped, options), mapped, strict=True))
+    plain = RetrievalOptions(show_progress=False)
+    assert ranked_lists({"m": mapped[0]}, {"m": mapped[1]}, {"m": 1.0}, options) == ranked_lists(
+        {"m": mapped[0]}, {"m": mapped[1]}, {"m": 1.0}, plain
+    )
+    assert len(devices) == 2
 
 
 def test_table_rows_seed_self_training_and_share_the_frozen_model() -> None:

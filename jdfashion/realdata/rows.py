@@ -48,9 +48,9 @@ from jdfashion.pipeline import (
     RetrievalOptions,
     RotationSide,
     Workspace,
-    extract_validation,
     ranked_lists,
     tune_on_validation,
+    validation_features,
     validation_set,
 )
 from jdfashion.realdata.protocol import ROTATED_DIR
@@ -443,7 +443,7 @@ def _validation_text(workspace: Workspace, backbone: str, options: RetrievalOpti
     """Validation scores of a model under a row's retrieval options (the frozen model's own are in its
     row): does validation agree with the test about what the options add?"""
     val = validation_set(workspace, GROCERY_CATEGORY)
-    sets = extract_validation(workspace, backbone, GROCERY_CATEGORY, options)
+    sets = validation_features(workspace, backbone, GROCERY_CATEGORY, options)
     scores = _rank_and_score({backbone: sets}, {backbone: 1.0}, val.truth, options)[0].overall
     return f"validation rank-1 {scores.rank1:.3f} mAP@10 {scores.map:.3f} with the row's options"
 
@@ -531,7 +531,7 @@ class _Pipeline:
             first = next(iter(self.models.values()))[0]
             val = validation_set(first, GROCERY_CATEGORY)
             val_sets = {
-                m: extract_validation(w, b, GROCERY_CATEGORY, options) for m, (w, b) in self.models.items()
+                m: validation_features(w, b, GROCERY_CATEGORY, options) for m, (w, b) in self.models.items()
             }
             self._tunings[options] = tune_on_validation(val_sets, val, options)
         return self._tunings[options]
@@ -607,10 +607,12 @@ def _test_features(
     gallery: list[ImageRef],
     options: RetrievalOptions,
 ) -> tuple[FeatureSet, FeatureSet]:
-    return (
+    """A model's test features as ``options`` rank them (self-trained on the run's device, if on)."""
+    pair = (
         workspace.side_features("query", GROCERY_CATEGORY, backbone, queries, options, f"{backbone} test"),
         workspace.side_features("gallery", GROCERY_CATEGORY, backbone, gallery, options, f"{backbone} test"),
     )
+    return workspace.self_trained(pair, options)
 
 
 def measure_step_times(config: TrainConfig, data_root: Path, batches: int = 4, row: str = "") -> StepTimes:
