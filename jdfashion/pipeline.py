@@ -41,14 +41,7 @@ from jdfashion.paths import (
 )
 from jdfashion.rerank import database_augmentation, domain_centring, k_reciprocal_rerank, query_expansion
 from jdfashion.search import best_view, topk, views
-from jdfashion.selftrain import (
-    SelfTraining,
-    apply_part_map,
-    confident_queries,
-    labelled_views,
-    learn_part_map,
-    part_view,
-)
+from jdfashion.selftrain import SelfTraining, apply_part_map, confident_queries, learn_part_map, part_view
 from jdfashion.submission import submission_filename, write_submission
 
 TOP_K = 10
@@ -546,7 +539,7 @@ def self_trained(
 
     The ranking under ``options`` labels each query with its first result; the most confident share
     are the anchors, their next results the competitors (:func:`jdfashion.selftrain.learn_part_map`).
-    Views of a query (rotation TTA) train through the one closest to its label and are all mapped.
+    Views of a query (rotation TTA) train through the best one and are all mapped.
     The map is learned on ``device``: the commands pass their run's (:meth:`Workspace.run_device`);
     ``None`` is torch's current CUDA device if there is one, else the CPU. Sets already mapped come
     back as they are."""
@@ -561,9 +554,8 @@ def self_trained(
     scores, rows = _ranking({"model": query_set}, {"model": gallery_set}, single, labelling, width)
     anchors = confident_queries(scores, settings.keep)
     parts = query_set.parts
+    query_parts = part_view(best_view(query_set.features, gallery_set.features)[anchors], parts)
     rows = torch.from_numpy(rows[anchors])
-    anchor_views = labelled_views(query_set.features[..., anchors, :], gallery_set.features, rows[:, 0])
-    query_parts = part_view(anchor_views, parts)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     part_map = learn_part_map(

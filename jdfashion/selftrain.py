@@ -73,17 +73,6 @@ def as_parts(features: Features, num_parts: int) -> torch.Tensor:
     return F.normalize(part_view(features, num_parts).float(), dim=-1)
 
 
-def labelled_views(queries: Features, gallery: Features, labels: torch.Tensor) -> torch.Tensor:
-    """Per query, (n, D) or views (V, n, D), the view closest to its labelled gallery row: the view whose
-    match gave the label, found with one dot product per view instead of another search."""
-    queries = torch.as_tensor(queries)
-    if queries.ndim == 2:
-        return queries
-    items = F.normalize(torch.as_tensor(gallery)[labels].float(), dim=-1)
-    closeness = torch.einsum("vnd,nd->vn", F.normalize(queries.float(), dim=-1), items)
-    return queries[closeness.argmax(dim=0), torch.arange(queries.shape[1])]
-
-
 def embed(parts: torch.Tensor, part_map: torch.Tensor) -> torch.Tensor:
     """(..., P, C) parts through the shared (C, C) map, each re-normalised, concatenated, unit norm."""
     mapped = F.normalize(parts @ part_map, dim=-1)

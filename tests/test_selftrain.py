@@ -26,7 +26,6 @@ from jdfashion.selftrain import (
     apply_part_map,
     as_parts,
     confident_queries,
-    labelled_views,
     learn_part_map,
 )
 
@@ -153,21 +152,6 @@ def test_self_training_follows_query_views_and_refuses_gallery_views() -> None:
         RetrievalOptions(self_training=FAST, rotations=(0.0, 90.0), rotation_side="gallery")
     with pytest.raises(ValueError, match="keep"):
         SelfTraining(keep=0)
-
-
-def test_anchors_train_through_the_view_that_matches_their_label() -> None:
-    """Of two views, each query's own label picks it: the view equal to the labelled item wins, in
-    whichever order the views come; one view passes through."""
-    rng = np.random.default_rng(3)
-    gallery = F.normalize(torch.from_numpy(rng.normal(size=(6, DIM))).float(), dim=-1)
-    labels = torch.tensor([4, 1, 1, 5])
-    noise = F.normalize(torch.from_numpy(rng.normal(size=(4, DIM))).float(), dim=-1)
-    upright_wins = torch.tensor([True, False, True, False])
-    first = torch.where(upright_wins[:, None], gallery[labels], noise)
-    second = torch.where(upright_wins[:, None], noise, gallery[labels])
-    chosen = labelled_views(torch.stack([first, second]), gallery, labels)
-    assert torch.equal(chosen, gallery[labels])
-    assert torch.equal(labelled_views(noise, gallery, labels), noise)
 
 
 def test_fusion_is_tuned_on_self_trained_features() -> None:
