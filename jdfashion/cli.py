@@ -344,6 +344,7 @@ def retrieval_options(
     rotation_side: str,
     centring: float,
     query_augmentation: int,
+    query_augmentation_alpha: float,
     self_training: bool,
     self_training_keep: float,
     self_training_steps: int,
@@ -369,6 +370,7 @@ def retrieval_options(
         rotation_side=rotation_side,
         centring=centring,
         query_augmentation=query_augmentation,
+        query_augmentation_alpha=query_augmentation_alpha,
         self_training=learned,
     )
 
@@ -394,6 +396,13 @@ def retrieval_flags(function):
                 default=0,
                 show_default=True,
                 help="Add each query's N nearest other queries (database augmentation of the query set).",
+            ),
+            click.option(
+                "--query-augmentation-alpha",
+                type=click.FloatRange(0),
+                default=1.0,
+                show_default=True,
+                help="Weight of each added query: its similarity to this power (0: a plain sum).",
             ),
             click.option(
                 "--self-training/--no-self-training",

@@ -155,3 +155,19 @@ def test_full_chain_through_the_cli(demo_data: Path, tmp_path: Path) -> None:
     shown = invoke("show", item, "--data", data, "--out", tmp_path / "sheet.png")
     assert shown.exit_code == 0 and (tmp_path / "sheet.png").stat().st_size > 0
     assert (tmp_path / "sheet.html").exists()
+
+
+def test_retrieval_flags_default_to_the_api_defaults() -> None:
+    """A notebook's RetrievalOptions() and a command run without flags rank the same way."""
+    import dataclasses
+
+    from jdfashion.cli import fuse, retrieval_options
+    from jdfashion.pipeline import RetrievalOptions
+
+    names = set(retrieval_options.__code__.co_varnames[: retrieval_options.__code__.co_argcount])
+    with fuse.make_context("fuse", []) as context:
+        defaults = {name: value for name, value in context.params.items() if name in names}
+    assert set(defaults) == names
+    options = retrieval_options(**defaults)
+    api = RetrievalOptions(batch_size=options.batch_size, num_workers=options.num_workers)
+    assert dataclasses.asdict(options) == dataclasses.asdict(api)

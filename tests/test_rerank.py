@@ -203,13 +203,33 @@ def test_domain_centring_removes_each_sides_offset() -> None:
         domain_centring(views, 1.5)
 
 
-def test_ranked_lists_centre_then_augment_the_queries() -> None:
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 3.0])
+def test_ranked_lists_centre_then_augment_the_queries(alpha: float) -> None:
     queries, gallery, _ = two_domains(seed=1)
     ids = [f"q{i}" for i in range(len(queries))], [f"g{i}" for i in range(len(gallery))]
     query_set = FeatureSet(ids[0], torch.from_numpy(queries).float())
     gallery_set = FeatureSet(ids[1], torch.from_numpy(gallery).float())
-    options = RetrievalOptions(centring=0.5, query_augmentation=3, show_progress=False)
+    options = RetrievalOptions(
+        centring=0.5, query_augmentation=3, query_augmentation_alpha=alpha, show_progress=False
+    )
     ranked = ranked_lists({"m": query_set}, {"m": gallery_set}, {"m": 1.0}, options)
-    expected_queries = database_augmentation(domain_centring(query_set.features, 0.5), top_n=3)
+    expected_queries = database_augmentation(domain_centring(query_set.features, 0.5), top_n=3, alpha=alpha)
     _, indices = topk(expected_queries, domain_centring(gallery_set.features, 0.5), 10)
     assert ranked == {q: [ids[1][i] for i in row] for q, row in zip(ids[0], indices.tolist(), strict=True)}
+
+
+def test_query_augmentation_alpha_weights_the_added_queries_by_similarity() -> None:
+    """alpha 0 adds every neighbour at weight 1; a large alpha leaves a query near itself."""
+    queries = torch.nn.functional.normalize(
+        torch.randn(40, 16, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    plain = database_augmentation(queries, top_n=4, alpha=0.0)
+    _, neighbours = topk(queries, queries, 5)
+    summed = queries.clone()
+    for row, found in enumerate(neighbours):
+        summed[row] += queries[[i for i in found if i != row][:4]].sum(dim=0)
+    assert torch.allclose(plain, torch.nn.functional.normalize(summed, dim=1), atol=1e-5)
+    steep = database_augmentation(queries, top_n=4, alpha=50.0)
+    assert float((steep * queries).sum(dim=1).min()) > 0.99 > float((plain * queries).sum(dim=1).max())
+    with pytest.raises(ValueError, match="query_augmentation_alpha"):
+        RetrievalOptions(query_augmentation=5, query_augmentation_alpha=-1.0)
