@@ -552,9 +552,13 @@ def self_trained(
     Views of a query (rotation TTA) train through the best one and are all mapped.
     The map is learned on ``device``: the commands pass their run's (:meth:`Workspace.run_device`);
     ``None`` is torch's current CUDA device if there is one, else the CPU. Sets already mapped come
-    back as they are."""
+    back as they are; one side mapped and the other not is an error (their scores would compare two
+    different spaces)."""
     settings = options.self_training
-    if settings is None or query_set.part_mapped or gallery_set.part_mapped:
+    if query_set.part_mapped != gallery_set.part_mapped:
+        mapped = "query" if query_set.part_mapped else "gallery"
+        raise ValueError(f"only the {mapped} features are part-mapped: self-train both sides together")
+    if settings is None or query_set.part_mapped:
         return query_set, gallery_set
     width = min(settings.negatives + 1, len(gallery_set))
     if width < 2 or not len(query_set):

@@ -192,6 +192,8 @@ def test_a_run_learns_each_map_once_on_its_own_device(tmp_path, monkeypatch: pyt
         {"m": mapped[0]}, {"m": mapped[1]}, {"m": 1.0}, plain
     )
     assert len(devices) == 2
+    with pytest.raises(ValueError, match="only the query features are part-mapped"):
+        self_trained(mapped[0], gallery, options)
 
 
 def test_table_rows_seed_self_training_and_share_the_frozen_model() -> None:
