@@ -119,7 +119,8 @@ TTA_ROWS = (
     "lite0-frozen-all",
     "lite0-selftrained-horizontal-transductive",  # the frozen horizontal row's TTA views
 )
-# Domain centring 0.5 + query augmentation 5: the values validation chose (docs/REALDATA.md).
+# Domain centring 0.5 + query augmentation 5 (neighbours at RetrievalOptions' default weight): the
+# values validation chose (docs/REALDATA.md).
 TRANSDUCTIVE = {"centring": 0.5, "query_augmentation": 5}
 QUERY_VARIANTS = (
     QueryVariant("rotated", rotated=True, tta=False),

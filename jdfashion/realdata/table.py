@@ -168,7 +168,8 @@ class RealDataReport:
             "in [-90, 90] degrees "
             "(whole photo kept, black corners). TTA: rotation test-time augmentation, "
             f"{side} views at -90/-45/0/45/90 degrees, a pair scored by its best view. Transductive: "
-            "domain centring 0.5 and query augmentation 5 (test-time statistics of the searched sets). "
+            "domain centring 0.5 and query augmentation 5 at the default neighbour weight (test-time "
+            "statistics of the searched sets). "
             "rank-1 / mAP@10 against the 81 iconic images.",
             "",
             "| " + " | ".join(header) + " |",
