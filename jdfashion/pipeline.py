@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +40,7 @@ from jdfashion.paths import (
     missing_message,
 )
 from jdfashion.rerank import database_augmentation, domain_centring, k_reciprocal_rerank, query_expansion
-from jdfashion.search import best_view, topk, views
+from jdfashion.search import Features, best_view, topk, views
 from jdfashion.selftrain import SelfTraining, apply_part_map, confident_queries, learn_part_map, part_view
 from jdfashion.submission import submission_filename, write_submission
 
@@ -75,7 +75,8 @@ class RetrievalOptions:
     # Transductive options: both use the searched sets themselves (every test query is known at
     # submission time). Centring subtracts this fraction of each side's mean; query augmentation
     # adds each query's nearest other queries (database augmentation of the query set), which
-    # averages out what one photo of a product gets wrong. Each neighbour is weighted by its
+    # averages out what one photo of a product gets wrong. Both act per model, before the models'
+    # scores are fused, so fusion tuning sees them as ranking does. Each neighbour is weighted by its
     # similarity^alpha: 1 is what validation chose on real photos (docs/REALDATA.md; 3, the
     # retrieval literature's value for gallery-side augmentation, lost 0.05 validation mAP@10).
     centring: float = 0.0
@@ -122,9 +123,7 @@ class RetrievalOptions:
     @property
     def reranks(self) -> bool:
         """Whether a step after the first search needs one (fused) vector per image."""
-        return bool(
-            self.database_augmentation or self.query_augmentation or self.query_expansion or self.k_reciprocal
-        )
+        return bool(self.database_augmentation or self.query_expansion or self.k_reciprocal)
 
     def angles(self, side: RotationSide) -> tuple[float, ...]:
         return self.rotations if side == self.rotation_side else (0.0,)
@@ -502,19 +501,31 @@ def _reranked(
     """Top-k scores (higher is better) and gallery rows after the re-ranking options, on fused vectors."""
     if options.database_augmentation:
         gallery = database_augmentation(gallery)
-    if options.query_augmentation:
-        queries = _per_view(
-            lambda view: database_augmentation(
-                view, top_n=options.query_augmentation, alpha=options.query_augmentation_alpha
-            ),
-            queries,
-        )
     if options.query_expansion:
         queries = _per_view(lambda view: query_expansion(view, gallery), queries)
     if options.k_reciprocal:
         distances, indices = k_reciprocal_rerank(best_view(queries, gallery), gallery, top=k)
         return -distances, indices
     return topk(queries, gallery, k)
+
+
+def _searched_sides(
+    query_sets: dict[str, FeatureSet],
+    gallery_sets: dict[str, FeatureSet],
+    models: Sequence[str],
+    options: RetrievalOptions,
+) -> tuple[dict[str, Features], dict[str, Features]]:
+    """Each model's features as its scores are fused: both sides centred, the queries augmented by
+    their nearest other queries. Per model, before the weighted sum, so that fusion tuning
+    (:func:`tune_on_validation`) scores exactly what is ranked, and the search stays chunked."""
+    queries = {m: domain_centring(query_sets[m].features, options.centring) for m in models}
+    if options.query_augmentation:
+        augmented = partial(
+            database_augmentation, top_n=options.query_augmentation, alpha=options.query_augmentation_alpha
+        )
+        queries = {m: _per_view(augmented, features) for m, features in queries.items()}
+    gallery = {m: domain_centring(gallery_sets[m].features, options.centring) for m in models}
+    return queries, gallery
 
 
 def _ranking(
@@ -532,8 +543,7 @@ def _ranking(
     builds one graph, so it takes each query's best view (the one whose nearest gallery item scores
     highest)."""
     models = [name for name, weight in weights.items() if weight > 0]
-    query_features = {m: domain_centring(query_sets[m].features, options.centring) for m in models}
-    gallery_features = {m: domain_centring(gallery_sets[m].features, options.centring) for m in models}
+    query_features, gallery_features = _searched_sides(query_sets, gallery_sets, models, options)
     if not options.reranks:
         return fused_topk(query_features, gallery_features, weights, k)
     return _reranked(fuse(query_features, weights), fuse(gallery_features, weights), options, k)
@@ -633,9 +643,15 @@ def tune_on_validation(
     with self-training, each model's own map (as :func:`ranked_lists` learns it) comes first."""
     if options.self_training is not None:
         sets = {model: self_trained(query, gallery, options) for model, (query, gallery) in sets.items()}
+    queries, gallery = _searched_sides(
+        {model: pair[0] for model, pair in sets.items()},
+        {model: pair[1] for model, pair in sets.items()},
+        list(sets),
+        options,
+    )
     return tune_weights(
-        {model: domain_centring(query.features, options.centring) for model, (query, _) in sets.items()},
-        {model: domain_centring(gallery.features, options.centring) for model, (_, gallery) in sets.items()},
+        queries,
+        gallery,
         [r.url for r in val.queries],
         [r.url for r in val.gallery],
         val.truth,

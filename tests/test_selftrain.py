@@ -164,6 +164,27 @@ def test_fusion_is_tuned_on_self_trained_features() -> None:
     assert learned.fused_map > plain.fused_map
 
 
+@pytest.mark.parametrize("self_training", [None, FAST])
+def test_fusion_tuning_scores_what_the_transductive_ranking_ranks(self_training) -> None:
+    """Centring and query augmentation act per model before the weighted sum, so the validation
+    scores fusion tuning reports are those of the lists ranked with its weights."""
+    from jdfashion.metrics import evaluate
+
+    (q0, g0, truth), (q1, g1, _) = feature_sets(0), feature_sets(1)
+    q1, g1 = dataclasses.replace(q1, ids=q0.ids), dataclasses.replace(g1, ids=g0.ids)
+    val = ValidationSet(Category.CLOTHES, refs(q0.ids), refs(g0.ids), truth)
+    options = RetrievalOptions(
+        show_progress=False, centring=0.5, query_augmentation=3, self_training=self_training
+    )
+    tuned = tune_on_validation({"a": (q0, g0), "b": (q1, g1)}, val, options)
+    assert 0 < min(tuned.weights.values()) < max(tuned.weights.values()) < 1
+    ranked = ranked_lists({"a": q0, "b": q1}, {"a": g0, "b": g1}, tuned.weights, options)
+    scores = evaluate(ranked, truth).overall
+    assert (scores.map, scores.rank1) == pytest.approx((tuned.fused_map, tuned.fused_rank1), abs=1e-6)
+    plain = tune_on_validation({"a": (q0, g0), "b": (q1, g1)}, val, RetrievalOptions(show_progress=False))
+    assert plain.fused_map != tuned.fused_map
+
+
 def test_a_run_learns_each_map_once_on_its_own_device(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torchrun (a GPU mocked: none here) rank 1 learns on cuda:1; a keyed pair is learned once
     per options, and mapped sets are never mapped again, by the workspace or by ranked_lists."""
