@@ -639,7 +639,8 @@ def tune_on_validation(
     sets: dict[str, tuple[FeatureSet, FeatureSet]], val: ValidationSet, options: RetrievalOptions
 ) -> TuneResult:
     """Fusion weights from each model's validation (query, gallery) features, scored as ``options``
-    rank: views by their best pair, and centring, which acts per model before the weighted sum;
+    rank: views by their best pair, centring and query augmentation, which act per model before the
+    weighted sum (the options that need fused vectors, DBA, QE and k-reciprocal, are not tuned for);
     with self-training, each model's own map (as :func:`ranked_lists` learns it) comes first."""
     if options.self_training is not None:
         sets = {model: self_trained(query, gallery, options) for model, (query, gallery) in sets.items()}
