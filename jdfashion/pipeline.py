@@ -108,8 +108,7 @@ class RetrievalOptions:
                 "need 0 <= centring <= 1, query_augmentation >= 0 and query_augmentation_alpha >= 0, got "
                 f"{self.centring}, {self.query_augmentation}, {self.query_augmentation_alpha}"
             )
-        reranked = self.query_expansion or self.database_augmentation or self.k_reciprocal
-        if self.rotation_side == "gallery" and len(self.rotations) > 1 and reranked:
+        if self.rotation_side == "gallery" and len(self.rotations) > 1 and self.reranks:
             raise ValueError(
                 "re-ranking needs one vector per gallery image: use rotation TTA on the query side "
                 "(--rotation-side query) with query expansion, database augmentation or --rerank"

@@ -160,11 +160,12 @@ def test_full_chain_through_the_cli(demo_data: Path, tmp_path: Path) -> None:
 def test_retrieval_flags_default_to_the_api_defaults() -> None:
     """A notebook's RetrievalOptions() and a command run without flags rank the same way."""
     import dataclasses
+    import inspect
 
     from jdfashion.cli import fuse, retrieval_options
     from jdfashion.pipeline import RetrievalOptions
 
-    names = set(retrieval_options.__code__.co_varnames[: retrieval_options.__code__.co_argcount])
+    names = set(inspect.signature(retrieval_options).parameters)
     with fuse.make_context("fuse", []) as context:
         defaults = {name: value for name, value in context.params.items() if name in names}
     assert set(defaults) == names
