@@ -18,6 +18,7 @@ from jdfashion.features import FeatureExtractor
 from jdfashion.paths import DataLayout
 from jdfashion.realdata import run_real_protocol
 from jdfashion.realdata.protocol import ROTATED_DIR, build_rotated_queries
+from jdfashion.realdata.rows import BRANCH_ROWS, DEFAULT_ROWS, ROWS, SHORT, TTA_ROWS
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 # One seed, one epoch at the smallest size that keeps 8x8 maps, 32 queries, 3 photos per training
@@ -224,3 +225,17 @@ def test_a_quarter_turned_photo_is_matched_by_its_turned_back_view(
     as_turned, turned_back = (torch.nn.functional.cosine_similarity(view, upright) for view in views)
     assert bool((turned_back > 0.97).all()), turned_back
     assert bool((turned_back > as_turned).all())
+
+
+def test_the_default_table_is_self_contained_and_keeps_every_reference() -> None:
+    """The rows `bench real` runs without --rows: every frozen branch set (the references), at least
+    one training recipe, and every row another default row ranks with or fuses."""
+    assert set(DEFAULT_ROWS) <= set(ROWS)
+    assert {f"{SHORT}-frozen-{branches}" for branches in BRANCH_ROWS} <= set(DEFAULT_ROWS)
+    assert any(ROWS[name].recipe == "tuned" for name in DEFAULT_ROWS)
+    assert any(ROWS[name].kind == "fused" for name in DEFAULT_ROWS)
+    for name in DEFAULT_ROWS:
+        spec = ROWS[name]
+        needed = set(spec.members) | ({spec.model_row} if spec.model_row else set())
+        assert needed <= set(DEFAULT_ROWS), name
+    assert set(TTA_ROWS) <= set(DEFAULT_ROWS)

@@ -22,6 +22,7 @@ from jdfashion.atomic import atomic_write_text
 from jdfashion.pipeline import RetrievalOptions, RotationSide
 from jdfashion.realdata.protocol import Protocol, build_protocol, build_rotated_queries
 from jdfashion.realdata.rows import (
+    DEFAULT_ROWS,
     LOADER_WORKERS,
     MIN_IMAGE_SIZE,
     ROWS,
@@ -62,15 +63,15 @@ def run_real_protocol(
     """Build the split, run each row, write ``out/REALDATA-results.md`` and ``.json``.
 
     ``smoke`` runs one seed, :data:`SMOKE_ROWS`, one epoch, 128 px and fewer training photos (the CI
-    check). ``rows`` reruns named rows (see :data:`ROWS`); rows already in ``out``'s results with the
-    same settings are kept in the table. ``max_queries`` thins test and validation queries and
-    ``max_train_photos`` the training photos per identity (tests and smoke). ``rotation`` also scores
-    every model row on the test queries turned by seeded angles, and both query sets with rotation
-    TTA on ``rotation_side``.
+    check); otherwise :data:`DEFAULT_ROWS`. ``rows`` (re)runs named rows instead (see :data:`ROWS`);
+    rows already in ``out``'s results with the same settings are kept in the table. ``max_queries``
+    thins test and validation queries and ``max_train_photos`` the training photos per identity
+    (tests and smoke). ``rotation`` also scores every model row on the test queries turned by seeded
+    angles, and both query sets with rotation TTA on ``rotation_side``.
     """
     console = console or Console()
     seeds = tuple(seeds)[:1] if smoke else tuple(seeds)
-    names = list(rows) if rows else list(SMOKE_ROWS if smoke else ROWS)
+    names = list(rows) if rows else list(SMOKE_ROWS if smoke else DEFAULT_ROWS)
     unknown = [name for name in names if name not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {', '.join(unknown)}; known: {', '.join(ROWS)}")
