@@ -113,6 +113,7 @@ class QueryVariant:
 # Rows whose TTA columns are measured: query-side TTA extracts the 923 queries 4 more times per
 # query set (about 10 minutes a row here), so only the rows that answer issue 11's questions.
 TTA_ROWS = (
+    "lite0-frozen-global",  # the paper's baseline pooling
     "lite0-frozen-horizontal",  # the best branch set
     "lite0-frozen-annular",  # the paper's rotation-robust one
     "lite0-selftrained-horizontal-transductive",  # the best pipeline, on the frozen horizontal TTA views
