@@ -220,13 +220,19 @@ ROWS = _row_specs()
 # (16 min each, below their frozen rows on the test), the other fine-tunes (45 min a seed) and the
 # fusion of those. The fine-tune runs last, so a stopped run has the cheap rows (the table keeps
 # ROWS' order whatever the running order).
+DEFAULT_TUNED_BRANCHES = "horizontal"
+
+
+def _runs_by_default(spec: RowSpec) -> bool:
+    return spec.whitening == "none" and (spec.recipe == "frozen" or spec.branches == DEFAULT_TUNED_BRANCHES)
+
+
 DEFAULT_ROWS = tuple(
     sorted(
         (
             name
-            for name in ROWS
-            if not name.endswith("-white")
-            and name not in ("fused", f"{SHORT}-tuned-global", f"{SHORT}-tuned-all")
+            for name, spec in ROWS.items()
+            if _runs_by_default(spec) and all(_runs_by_default(ROWS[member]) for member in spec.members)
         ),
         key=lambda name: ROWS[name].recipe == "tuned",
     )
