@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from jdfashion import pipeline
 from jdfashion.data.images import url_to_path
 from jdfashion.data.jdformat import Box, ImageRef, read_images, read_pairs, read_truth
 from jdfashion.data.manifest import GROCERY_TEST_CLASSES
@@ -239,3 +241,29 @@ def test_the_default_table_is_self_contained_and_keeps_every_reference() -> None
         needed = set(spec.members) | ({spec.model_row} if spec.model_row else set())
         assert needed <= set(DEFAULT_ROWS), name
     assert set(TTA_ROWS) <= set(DEFAULT_ROWS)
+
+
+def test_rows_on_one_model_learn_each_self_trained_map_once(
+    micro_run: tuple[Path, object], grocery: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A self-trained row and its transductive twin share the run's maps: 4 test maps (upright and turned
+    queries, with and without the transductive options) and 2 validation ones, where learning row by
+    row took 8; every score is the one a row learned on its own."""
+    out, first = micro_run
+    copy = tmp_path / "real"
+    shutil.copytree(out, copy)
+    learned = []
+    learn = pipeline.learn_part_map
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        learned.append(args[0])
+        return learn(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "learn_part_map", counting)
+    names = [f"{SHORT}-selftrained-global", f"{SHORT}-selftrained-global-transductive"]
+    report = run_real_protocol(grocery, copy, rows=names, time_steps=False, **MICRO)
+    assert len(learned) == 6
+    plain, transductive = (report.row(name) for name in names)
+    alone = first.row(names[0])
+    assert (plain.rank1, plain.map10, plain.rotation) == (alone.rank1, alone.map10, alone.rotation)
+    assert plain.rotation["upright + transductive rank-1"] == transductive.rank1

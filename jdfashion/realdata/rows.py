@@ -249,6 +249,17 @@ class RunSettings:
     options: RetrievalOptions
     rotation: bool = False  # score QUERY_VARIANTS too (TTA ones for TTA_ROWS, not in the smoke run)
     rotation_side: RotationSide = "query"
+    # One workspace per model for the whole run: rows on the same model (a self-trained row, its
+    # transductive twin, their fusion, the variant columns) then share its loaded weights and every
+    # self-trained map, each learned once per query set and options.
+    _workspaces: dict[Path, Workspace] = field(default_factory=dict, repr=False, compare=False)
+
+    def workspace(self, weights_root: Path, *, retrained: bool = False) -> Workspace:
+        """The run's workspace of the model under ``weights_root``; ``retrained`` drops what an
+        earlier one loaded or learned."""
+        if retrained or weights_root not in self._workspaces:
+            self._workspaces[weights_root] = Workspace.at(self.out / "data", weights_root, device="cpu")
+        return self._workspaces[weights_root]
 
     def variants(self, spec: RowSpec) -> tuple[QueryVariant, ...]:
         if not self.rotation:
@@ -324,7 +335,7 @@ def trained_model(
         atomic_write_text(model_dir / TIMING_FILE, json.dumps(spent))
         # Resume state of a finished run: 0.1-0.3 GB per model that nothing here reads again.
         (model_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
-    return Workspace.at(data_root, weights_root, device="cpu"), not reuse
+    return settings.workspace(weights_root, retrained=not reuse), not reuse
 
 
 @contextmanager
@@ -630,12 +641,14 @@ def _test_features(
     gallery: list[ImageRef],
     options: RetrievalOptions,
 ) -> tuple[FeatureSet, FeatureSet]:
-    """A model's test features as ``options`` rank them (self-trained on the run's device, if on)."""
+    """A model's test features as ``options`` rank them: self-trained on the run's device, if on, by the
+    workspace's one map for these queries, gallery and options."""
     pair = (
         workspace.side_features("query", GROCERY_CATEGORY, backbone, queries, options, f"{backbone} test"),
         workspace.side_features("gallery", GROCERY_CATEGORY, backbone, gallery, options, f"{backbone} test"),
     )
-    return workspace.self_trained(pair, options)
+    key = ("test", backbone, tuple(ref.url for ref in queries), tuple(ref.url for ref in gallery))
+    return workspace.self_trained(pair, options, key)
 
 
 def measure_step_times(config: TrainConfig, data_root: Path, batches: int = 4, row: str = "") -> StepTimes:
