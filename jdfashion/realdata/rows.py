@@ -216,7 +216,7 @@ def _row_specs() -> dict[str, RowSpec]:
 ROWS = _row_specs()
 # What `bench real` runs without --rows: every frozen branch set, the default training recipe once
 # (the 2-epoch fine-tune of the best branch set, about 45 min here), and every self-trained and
-# transductive row with the fused one: about 3 h on 2 cores (docs/REALDATA.md). Left to --rows:
+# transductive row with the fused one: about 190 min on 2 cores (docs/REALDATA.md). Left to --rows:
 # the whitened rows (16 min each, below their frozen rows on the test), the other fine-tunes (45 min
 # a seed) and the fusion of those. The fine-tune runs last, so a stopped run has the cheap rows (the
 # table keeps ROWS' order whatever the running order).
