@@ -4,6 +4,8 @@ Shape (fast-reid's, without registries): ``losses.mgpa_losses`` returns named te
 runs one batch and returns a dict, ``fit`` runs epochs and a short list of callbacks
 (``callbacks.py``: progress, metrics, validation, checkpoint). ``train`` wires them and adds what
 happens once: the frozen reference (``epochs=0``), best-on-validation selection, WiSE-FT and whitening.
+From a pretrained backbone the frozen reference is a candidate too: what ``train`` ships is never worse
+on validation than the untouched network it started from.
 
 CPU runs are bit-reproducible under a seed; a run killed at any point resumes from its last
 checkpoint and ends with the weights an uninterrupted run would have had. On CUDA it uses AMP and
@@ -308,7 +310,8 @@ def train(
         model = create_model(
             model_config, pretrained=config.pretrained_weights, pretrained_file=config.pretrained_file
         )
-        pretrained_backbone = copy_state(model.backbone) if config.wise_alphas else None
+        # The untouched backbone: WiSE-FT's other end, and the frozen reference's weights.
+        pretrained_backbone = copy_state(model.backbone) if config.epochs > 0 else None
         memory_format = torch.channels_last if use_cuda and config.channels_last else torch.contiguous_format
         model.to(run_device, memory_format=memory_format)
         console = Console() if show_progress and dist_info.is_main else None
@@ -336,6 +339,8 @@ def train(
             validator = ValidationCallback(validation, config.num_workers, console) if validation else None
             if validator and saved is None:
                 validator.measure(state, 0)
+                if starts_pretrained(config) and pretrained_backbone is not None:
+                    measure_reference(state, model_config, pretrained_backbone, validation, console)
 
             trained: nn.Module = model
             if dist_info.world_size > 1:
@@ -396,7 +401,7 @@ def train(
             ValidationCallback(validation, config.num_workers, console).measure(state, 0)
 
         if dist_info.is_main:
-            finish(state, data, layout, validation, pretrained_backbone, console)
+            model = finish(state, data, layout, validation, pretrained_backbone, console)
             save_trained(
                 out_dir, model, config, model.config, data.identities, data.fingerprint, state.metrics
             )
@@ -414,6 +419,37 @@ class _StepHook(Callback):
         self.hook(state.epoch, step)
 
 
+def starts_pretrained(config: TrainConfig) -> bool:
+    return bool(config.pretrained_weights or config.pretrained_file)
+
+
+def frozen_reference(
+    model_config: MGPAConfig, backbone_state: dict[str, torch.Tensor], device: torch.device
+) -> MGPA:
+    """The ``epochs=0`` model of this backbone: its pretrained weights and the identity head."""
+    config = dataclasses.replace(model_config, head="identity", num_classes=0, whiten_dim=0)
+    reference = create_model(config)
+    reference.backbone.load_state_dict(backbone_state)
+    return reference.to(device).eval()
+
+
+def measure_reference(
+    state: LoopState,
+    model_config: MGPAConfig,
+    backbone_state: dict[str, torch.Tensor],
+    validation: ValidationData,
+    console: Console | None,
+) -> None:
+    """Validation of the frozen reference, before training: the score training has to beat. Epoch 0
+    is not that score: a fresh reduction head projects the pretrained parts at random."""
+    device = next(state.model.parameters()).device
+    reference = frozen_reference(model_config, backbone_state, device)
+    scores = validation_scores(reference, state.config, validation, state.config.num_workers).overall
+    state.metrics.append({"stage": "reference", "val_map": scores.map, "val_rank1": scores.rank1})
+    if console:
+        console.print(f"frozen reference: validation mAP@10 {scores.map:.4f} rank-1 {scores.rank1:.4f}")
+
+
 def finish(
     state: LoopState,
     data: TrainingData,
@@ -421,9 +457,10 @@ def finish(
     validation: ValidationData | None,
     pretrained_backbone: dict[str, torch.Tensor] | None,
     console: Console | None,
-) -> None:
-    """After the last epoch: restore the best epoch, pick the WiSE-FT mix, learn the whitening.
-    Each choice is logged in the metrics (``stage`` rows)."""
+) -> MGPA:
+    """After the last epoch, each choice on validation mAP@10: the best epoch, the WiSE-FT mix, the
+    whitening (kept only if it helps), and the frozen reference if it beats all that. Returns the
+    model to ship; each choice is logged in the metrics (``stage`` rows)."""
     model, config = state.model, state.config
     model.eval()
     if state.best_state is not None and state.best_epoch != config.epochs:
@@ -432,17 +469,49 @@ def finish(
             console.print(f"keeping epoch {state.best_epoch}: best validation mAP@10 {state.best_score:.4f}")
     if state.best_epoch is not None:
         state.metrics.append({"stage": "selected", "epoch": state.best_epoch, "val_map": state.best_score})
+    score = state.best_score
     if config.wise_alphas and pretrained_backbone is not None and validation is not None and config.epochs:
-        choose_wise_alpha(state, validation, pretrained_backbone, console)
+        score = choose_wise_alpha(state, validation, pretrained_backbone, console)
     if config.whitening != "none":
-        attach_whitening(model, data, layout, config)
-        row: dict[str, Any] = {"stage": "whitening", "kind": config.whitening, "dim": model.config.whiten_dim}
-        if validation is not None:
-            scores = validation_scores(model, config, validation, config.num_workers).overall
-            row.update({"val_map": scores.map, "val_rank1": scores.rank1})
-            if console:
-                console.print(f"{config.whitening} whitening: validation mAP@10 {scores.map:.4f}")
-        state.metrics.append(row)
+        score = whiten_if_better(state, data, layout, validation, score, console)
+    reference = next((row for row in state.metrics if row.get("stage") == "reference"), None)
+    if reference is not None and pretrained_backbone is not None and reference["val_map"] > score:
+        device = next(model.parameters()).device
+        model = frozen_reference(model.config, pretrained_backbone, device)
+        score = reference["val_map"]
+        if console:
+            console.print(f"shipping the frozen reference: training stayed below its validation {score:.4f}")
+    if validation is not None:
+        source = "reference" if model is not state.model else "trained"
+        state.metrics.append({"stage": "shipped", "model": source, "val_map": score})
+    return model
+
+
+def whiten_if_better(
+    state: LoopState,
+    data: TrainingData,
+    layout: DataLayout,
+    validation: ValidationData | None,
+    score: float,
+    console: Console | None,
+) -> float:
+    """Attach the whitening; with validation lists, keep it only if it does not lower ``score``."""
+    model, config = state.model, state.config
+    attach_whitening(model, data, layout, config)
+    row: dict[str, Any] = {"stage": "whitening", "kind": config.whitening, "dim": model.config.whiten_dim}
+    state.metrics.append(row)
+    if validation is None:
+        return score
+    scores = validation_scores(model, config, validation, config.num_workers).overall
+    kept = scores.map >= score
+    row.update({"val_map": scores.map, "val_rank1": scores.rank1, "kept": kept})
+    if not kept:
+        model.whitening = None
+        model.config = dataclasses.replace(model.config, whiten_dim=0)
+    if console:
+        verdict = "kept" if kept else f"dropped (without: {score:.4f})"
+        console.print(f"{config.whitening} whitening: validation mAP@10 {scores.map:.4f}, {verdict}")
+    return scores.map if kept else score
 
 
 def choose_wise_alpha(
@@ -450,9 +519,10 @@ def choose_wise_alpha(
     validation: ValidationData,
     pretrained_backbone: dict[str, torch.Tensor],
     console: Console | None,
-) -> None:
+) -> float:
     """WiSE-FT (Wortsman et al. 2022): backbone = a x tuned + (1 - a) x pretrained, ``a`` from the
-    config's grid by validation mAP@10; a = 1 (the tuned model as is) is always a candidate."""
+    config's grid by validation mAP@10; a = 1 (the tuned model as is) is always a candidate.
+    Returns the chosen mix's score."""
     model, config = state.model, state.config
     tuned = copy_state(model.backbone)
     best_alpha, best_map = 1.0, state.best_score
@@ -468,6 +538,7 @@ def choose_wise_alpha(
     state.metrics.append({"stage": "wise_selected", "alpha": best_alpha, "val_map": best_map})
     if console:
         console.print(f"WiSE-FT: alpha {best_alpha} (validation mAP@10 {best_map:.4f})")
+    return best_map
 
 
 def interpolate(

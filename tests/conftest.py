@@ -16,21 +16,31 @@ def shared_data() -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny generated dataset in the official layout, already split into train and validation."""
+def split_demo(root: Path, identities: int, photos: int) -> Path:
+    """A generated dataset in the official layout, already split into train and validation."""
     from jdfashion.data.demo import DemoConfig, make_demo
     from jdfashion.data.split import make_split
     from jdfashion.paths import DataLayout
 
-    root = tmp_path_factory.mktemp("demo")
-    make_demo(
-        root,
-        DemoConfig(train_identities=6, test_identities=4, consumer_photos=2, distractors=4, image_size=96),
+    config = DemoConfig(
+        train_identities=identities, test_identities=4, consumer_photos=photos, distractors=4, image_size=96
     )
+    make_demo(root, config)
     layout = DataLayout(root)
     make_split(layout.pairs, layout, val_fraction=0.34, distractor_fraction=0.0, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny: 2 validation shop images a category, enough to run validation, too few to rank by it."""
+    return split_demo(tmp_path_factory.mktemp("demo"), identities=6, photos=2)
+
+
+@pytest.fixture(scope="session")
+def roomy_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """7 validation identities (21 queries) a category: validation scores that tell models apart."""
+    return split_demo(tmp_path_factory.mktemp("roomy-demo"), identities=20, photos=3)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jdfashion.cli import main
+from jdfashion.cli import main, training_summary
 from jdfashion.data.jdformat import read_images, read_truth
 from jdfashion.metrics import evaluate
 from jdfashion.submission import read_submission, write_submission
@@ -172,3 +172,14 @@ def test_retrieval_flags_default_to_the_api_defaults() -> None:
     options = retrieval_options(**defaults)
     api = RetrievalOptions(batch_size=options.batch_size, num_workers=options.num_workers)
     assert dataclasses.asdict(options) == dataclasses.asdict(api)
+
+
+def test_training_summary_says_when_the_frozen_reference_shipped() -> None:
+    epochs = [{"epoch": 0, "val_map": 0.4}, {"epoch": 1, "loss": 2.5, "train_accuracy": 0.5, "val_map": 0.3}]
+    selected = {"stage": "selected", "epoch": 0, "val_map": 0.4}
+    reference = [*epochs, selected, {"stage": "shipped", "model": "reference", "val_map": 0.5}]
+    trained = [*epochs, selected, {"stage": "shipped", "model": "trained", "val_map": 0.4}]
+    assert training_summary(reference) == (
+        "loss 2.500  train acc 0.500  shipped the frozen reference (validation mAP@10 0.5000)"
+    )
+    assert training_summary(trained) == "loss 2.500  train acc 0.500  kept epoch 0 (validation mAP@10 0.4000)"

@@ -4,19 +4,29 @@ parameter groups, LP-FT, frozen BatchNorm, WiSE-FT and whitening, on generated i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from jdfashion.callbacks import LoopState
 from jdfashion.checkpoint import load_trained
 from jdfashion.config import TrainConfig
 from jdfashion.model.backbones import create_backbone
 from jdfashion.model.mgpa import MGPAConfig, create_model
 from jdfashion.model.whitening import learn_part_whitening
-from jdfashion.paths import MODEL_CONFIG, MODEL_CURVES, MODEL_METRICS
-from jdfashion.train import build_optimizer, interpolate, train
+from jdfashion.paths import MODEL_CONFIG, MODEL_CURVES, MODEL_METRICS, DataLayout
+from jdfashion.train import (
+    build_optimizer,
+    interpolate,
+    load_training_data,
+    load_validation,
+    model_config_for,
+    train,
+    whiten_if_better,
+)
 
 TINY = {"image_size": 64, "identities_per_batch": 2, "num_workers": 0, "warmup_epochs": 0}
 LITE0 = {"backbone": "efficientnet_lite0", "pretrained": "package", "category": "clothes", **TINY}
@@ -50,23 +60,47 @@ def test_router_cannot_be_frozen(demo_data: Path, tmp_path: Path) -> None:
         train(TrainConfig(epochs=0, task="category", **TINY), demo_data, tmp_path, show_progress=False)
 
 
-def test_a_destructive_run_ships_its_epoch_zero_weights(demo_data: Path, tmp_path: Path) -> None:
-    """An absurd learning rate wrecks the backbone; validation keeps the starting point instead."""
-    config = TrainConfig(epochs=2, lr=3.0, optimizer="sgd", **LITE0)
-    torch.manual_seed(config.seed)
-    result = train(config, demo_data, tmp_path, show_progress=False)
+def test_a_run_below_its_starting_point_ships_the_frozen_reference(roomy_demo: Path, tmp_path: Path) -> None:
+    """A 2-d part projection and an absurd learning rate keep every trained candidate (epoch 0's random
+    head included) far below the untouched network: validation ships the ``epochs=0`` model itself."""
+    config = TrainConfig(
+        epochs=1, lr=3.0, optimizer="sgd", branches="global", reduction_dim=2, wise_alphas=(0.5,), **LITE0
+    )
+    result = train(config, roomy_demo, tmp_path, show_progress=False)
     metrics = json.loads((result.directory / MODEL_METRICS).read_text())
-    assert epochs_of(metrics) == [0, 1, 2]
-    scores = {row["epoch"]: row["val_map"] for row in metrics if "stage" not in row}
-    selected = next(row for row in metrics if row.get("stage") == "selected")
-    assert selected["val_map"] == max(scores.values())
-    assert selected["val_map"] >= scores[0]
-    if selected["epoch"] == 0:  # the usual outcome: the saved backbone is the pretrained one
-        pretrained, _ = create_backbone("efficientnet_lite0", pretrained="package")
-        saved = load_trained(result.directory).model.backbone.state_dict()
-        assert all(torch.equal(saved[k], v) for k, v in pretrained.state_dict().items())
+    assert epochs_of(metrics) == [0, 1]
+    trained = [row["val_map"] for row in metrics if "stage" not in row or row["stage"] == "wise"]
+    reference = next(row for row in metrics if row.get("stage") == "reference")
+    assert reference["val_map"] > max(trained) + 0.1
+    assert metrics[-1] == {"stage": "shipped", "model": "reference", "val_map": reference["val_map"]}
+    frozen = train(replace(config, epochs=0), roomy_demo, tmp_path / "frozen", show_progress=False)
+    loaded, expected = load_trained(result.directory), load_trained(frozen.directory)
+    assert loaded.model_config == expected.model_config and loaded.model_config.head == "identity"
+    saved, untouched = loaded.model.state_dict(), expected.model.state_dict()
+    assert saved.keys() == untouched.keys() and all(torch.equal(saved[k], untouched[k]) for k in saved)
     with Image.open(result.directory / MODEL_CURVES) as curves:
         assert curves.size == (640, 360)
+
+
+def test_a_run_above_its_starting_point_ships_the_trained_model(roomy_demo: Path, tmp_path: Path) -> None:
+    """At a sane learning rate one epoch beats the untouched network here: the trained model ships."""
+    config = TrainConfig(epochs=1, lr=1e-4, branches="global", **LITE0)
+    result = train(config, roomy_demo, tmp_path, show_progress=False)
+    scores = {row["epoch"]: row["val_map"] for row in result.metrics if "stage" not in row}
+    reference = next(row for row in result.metrics if row.get("stage") == "reference")
+    assert scores[1] > reference["val_map"]
+    assert result.metrics[-1] == {"stage": "shipped", "model": "trained", "val_map": scores[1]}
+    assert load_trained(result.directory).model_config.head == "reduction"
+
+
+def test_a_run_from_scratch_has_no_frozen_reference(demo_data: Path, tmp_path: Path) -> None:
+    """Random weights are no reference worth keeping: selection is among the epochs alone."""
+    config = TrainConfig(backbone="resnet18", epochs=1, lr=1e-3, **TINY)
+    metrics = train(config, demo_data, tmp_path, show_progress=False).metrics
+    assert not [row for row in metrics if row.get("stage") == "reference"]
+    shipped = next(row for row in metrics if row.get("stage") == "shipped")
+    assert shipped["model"] == "trained"
+    assert shipped["val_map"] == max(row["val_map"] for row in metrics if "stage" not in row)
 
 
 def test_parameter_groups_scale_the_backbone_and_spare_norms_and_biases() -> None:
@@ -130,7 +164,10 @@ def test_interpolate_mixes_float_tensors_only() -> None:
 
 
 def test_supervised_whitening_is_saved_and_reloaded(demo_data: Path, tmp_path: Path) -> None:
-    config = TrainConfig(epochs=0, branches="horizontal", whitening="supervised", whiten_dim=32, **LITE0)
+    """Without validation the whitening is always kept (nothing could say it hurts)."""
+    config = TrainConfig(
+        epochs=0, branches="horizontal", whitening="supervised", whiten_dim=32, validate=False, **LITE0
+    )
     result = train(config, demo_data, tmp_path, show_progress=False)
     saved = json.loads((result.directory / MODEL_CONFIG).read_text())
     assert saved["model"]["whiten_dim"] == 32
@@ -139,8 +176,36 @@ def test_supervised_whitening_is_saved_and_reloaded(demo_data: Path, tmp_path: P
     with torch.no_grad():
         assert torch.allclose(loaded.model(images), result.model.eval()(images), atol=1e-5)
         assert loaded.model(images).shape == (3, 6 * 32)
-    whitened = next(row for row in result.metrics if row.get("stage") == "whitening")
-    assert whitened["kind"] == "supervised" and 0 < whitened["val_map"] <= 1
+    (whitened,) = [row for row in result.metrics if row.get("stage") == "whitening"]
+    assert whitened == {"stage": "whitening", "kind": "supervised", "dim": 32}
+
+
+@pytest.mark.parametrize("score_without", [float("-inf"), 1.0])
+def test_whitening_is_kept_only_if_validation_does_not_drop(
+    demo_data: Path, tmp_path: Path, score_without: float
+) -> None:
+    """Against a score it cannot miss (-inf) the whitening stays; against one it cannot beat (a perfect
+    mAP@10 of 1.0, unreachable on this data) it goes, and the model is as it was without it."""
+    config = TrainConfig(epochs=0, branches="horizontal", whitening="supervised", whiten_dim=32, **LITE0)
+    model = create_model(model_config_for(config, 0), pretrained="package").eval()
+    state = LoopState(model, config)
+    layout = DataLayout(demo_data)
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(images)
+    validation = load_validation(layout, config)
+    assert validation is not None
+    data = load_training_data(layout, config)
+    score = whiten_if_better(state, data, layout, validation, score_without, None)
+    (row,) = state.metrics
+    assert 0 < row["val_map"] < 1 and row["kept"] == (score_without < 0)
+    with torch.no_grad():
+        features = model(images)
+    if row["kept"]:
+        assert score == row["val_map"] and model.config.whiten_dim == 32 and features.shape == (3, 6 * 32)
+    else:
+        assert score == 1.0 and model.whitening is None and model.config.whiten_dim == 0
+        assert torch.equal(features, plain)
 
 
 def test_supervised_whitening_equalises_within_identity_spread() -> None:

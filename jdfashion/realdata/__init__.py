@@ -100,9 +100,9 @@ def run_real_protocol(
         rotation,
         rotation_side,
     )
-    protocol = build_protocol(dataset, out / "data", max_queries, max_train_photos)
+    protocol = build_protocol(dataset, settings.data_root, max_queries, max_train_photos)
     if rotation:
-        build_rotated_queries(out / "data")
+        build_rotated_queries(settings.data_root)
     console.print(
         f"protocol: {protocol.train_identities} training identities, {protocol.val_identities} validation; "
         f"test {protocol.test_queries} queries x {protocol.test_gallery} gallery"
@@ -128,7 +128,7 @@ def run_real_protocol(
     if time_steps:
         tuned = ROWS["lite0-tuned-all"]
         config = train_config(tuned, seeds[0], settings.epochs_for(tuned), settings.size)
-        step_times = measure_step_times(config, out / "data", batches=2 if smoke else 4, row=tuned.name)
+        step_times = measure_step_times(config, settings.data_root, batches=2 if smoke else 4, row=tuned.name)
     report = RealDataReport(protocol, [], recorded, step_times)
     for name in names:
         previous[name] = runners[ROWS[name].kind](ROWS[name])

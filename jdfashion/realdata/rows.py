@@ -162,7 +162,7 @@ class RowSpec:
         )
         if self.kind == "fused":
             return "fused: " + " + ".join(self.members) + learned
-        whitened = " + whitening" if self.whitening != "none" or self.recipe == "tuned" else ""
+        whitened = " + whitening" if self.whitening != "none" else ""
         return self.recipe + whitened + learned
 
     def options(self, base: RetrievalOptions, seed: int) -> RetrievalOptions:
@@ -215,8 +215,9 @@ def _row_specs() -> dict[str, RowSpec]:
 
 ROWS = _row_specs()
 # What `bench real` runs without --rows: every frozen branch set, the default training recipe once
-# (the 2-epoch fine-tune of the best branch set, about 45 min here), and every self-trained and
-# transductive row with the fused one: about 190 min on 2 cores (docs/REALDATA.md). Left to --rows:
+# (the 2-epoch fine-tune of the best branch set, 22-50 min here), and every self-trained and
+# transductive row with the fused one: about 162 min on 2 cores, summed from parts timed apart
+# (docs/REALDATA.md). Left to --rows:
 # the whitened rows (16 min each, below their frozen rows on the test), the other fine-tunes (45 min
 # a seed) and the fusion of those. The fine-tune runs last, so a stopped run has the cheap rows (the
 # table keeps ROWS' order whatever the running order).
@@ -254,11 +255,16 @@ class RunSettings:
     # self-trained map, each learned once per query set and options.
     _workspaces: dict[Path, Workspace] = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def data_root(self) -> Path:
+        """The protocol's data (``build_protocol``'s output): training, validation and test lists."""
+        return self.out / "data"
+
     def workspace(self, weights_root: Path, *, retrained: bool = False) -> Workspace:
         """The run's workspace of the model under ``weights_root``; ``retrained`` drops what an
         earlier one loaded or learned."""
         if retrained or weights_root not in self._workspaces:
-            self._workspaces[weights_root] = Workspace.at(self.out / "data", weights_root, device="cpu")
+            self._workspaces[weights_root] = Workspace.at(self.data_root, weights_root, device="cpu")
         return self._workspaces[weights_root]
 
     def variants(self, spec: RowSpec) -> tuple[QueryVariant, ...]:
@@ -275,7 +281,7 @@ class RunSettings:
         return replace(options, rotations=ROTATION_TTA, rotation_side=self.rotation_side)
 
     def queries_for(self, variant: QueryVariant) -> tuple[list[ImageRef], dict[str, list[str]]]:
-        layout = DataLayout(self.out / "data" / ROTATED_DIR if variant.rotated else self.out / "data")
+        layout = DataLayout(self.data_root / ROTATED_DIR if variant.rotated else self.data_root)
         return read_images(layout.queries), read_truth(layout.truth)
 
     def epochs_for(self, spec: RowSpec) -> int:
@@ -309,9 +315,10 @@ def train_config(spec: RowSpec, seed: int, epochs: int, image_size: int) -> Trai
         "pretrained": "package",
         "seed": seed,
         "num_workers": LOADER_WORKERS,
+        "whitening": spec.whitening,
     }
     if spec.recipe == "frozen":
-        return TrainConfig(**fields, whitening=spec.whitening)
+        return TrainConfig(**fields)
     return recipe_config("finetune", **fields)
 
 
@@ -324,14 +331,13 @@ def trained_model(
     config = resolved(train_config(spec, seed, settings.epochs_for(spec), settings.size))
     weights_root = settings.weights_root(spec.name, seed)
     model_dir = WeightsLayout(weights_root).model_dir(GROCERY_CATEGORY, spec.backbone)
-    data_root = settings.out / "data"
     reuse = _finished(model_dir, config)
     if reuse:
         console.print(f"[dim]{spec.name} seed {seed}: reusing {model_dir}")
     else:
         console.print(f"{spec.name} seed {seed}: {config.epochs} epochs at {config.image_size} px")
         with clock() as spent:
-            train(config, data_root, weights_root, show_progress=settings.options.show_progress)
+            train(config, settings.data_root, weights_root, show_progress=settings.options.show_progress)
         atomic_write_text(model_dir / TIMING_FILE, json.dumps(spent))
         # Resume state of a finished run: 0.1-0.3 GB per model that nothing here reads again.
         (model_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
@@ -394,7 +400,7 @@ def _rank_and_score(
 
 
 def histogram_row(spec: RowSpec, settings: RunSettings) -> RowResult:
-    layout = DataLayout(settings.out / "data")
+    layout = DataLayout(settings.data_root)
     queries, gallery, truth = _test_sets(layout)
     with clock() as spent:
         query_features = color_histogram_features(queries, layout.images, workers=2).features
@@ -417,7 +423,7 @@ def histogram_row(spec: RowSpec, settings: RunSettings) -> RowResult:
 
 
 def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResult:
-    layout = DataLayout(settings.out / "data")
+    layout = DataLayout(settings.data_root)
     queries, gallery, truth = _test_sets(layout)
     per_seed: list[tuple[Scores, Scores]] = []
     rotation: list[dict[str, Scores]] = []
@@ -453,7 +459,8 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
 
 
 def _selection_text(workspace: Workspace, backbone: str) -> str:
-    """What validation chose for this model: its epoch-0 and kept scores, WiSE-FT mix, whitening."""
+    """What validation chose for this model: its epoch-0 and kept scores, WiSE-FT mix, whitening, and
+    whether it shipped the frozen reference instead."""
     metrics = json.loads(
         (workspace.weights.model_dir(GROCERY_CATEGORY, backbone) / MODEL_METRICS).read_text()
     )
@@ -469,7 +476,12 @@ def _selection_text(workspace: Workspace, backbone: str) -> str:
         elif row.get("stage") == "wise_selected":
             parts.append(f"WiSE-FT alpha {row['alpha']} ({row['val_map']:.3f})")
         elif row.get("stage") == "whitening":
-            parts.append(f"whitened {row.get('val_map', float('nan')):.3f}")
+            verdict = "" if row.get("kept", True) else ", dropped"
+            parts.append(f"whitened {row.get('val_map', float('nan')):.3f}{verdict}")
+        elif row.get("stage") == "reference":
+            parts.append(f"frozen reference {row['val_map']:.3f}")
+        elif row.get("stage") == "shipped" and row["model"] == "reference":
+            parts.append("shipped the frozen reference")
     return ", ".join(parts)
 
 
@@ -500,7 +512,7 @@ def _seed_cost(
 def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResult:
     """Per seed, the member rows' models, weighted by validation mAP@10 (``fusion.tune_weights``), on
     the test. Frozen members are legitimate: they are what the trained members must add to."""
-    layout = DataLayout(settings.out / "data")
+    layout = DataLayout(settings.data_root)
     queries, gallery, truth = _test_sets(layout)
     per_seed: list[tuple[Scores, Scores]] = []
     rotation: list[dict[str, Scores]] = []
