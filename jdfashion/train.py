@@ -311,7 +311,8 @@ def train(
             model_config, pretrained=config.pretrained_weights, pretrained_file=config.pretrained_file
         )
         # The untouched backbone: WiSE-FT's other end, and the frozen reference's weights.
-        pretrained_backbone = copy_state(model.backbone) if config.epochs > 0 else None
+        keep_start = config.epochs > 0 and (bool(config.wise_alphas) or starts_pretrained(config))
+        pretrained_backbone = copy_state(model.backbone) if keep_start else None
         memory_format = torch.channels_last if use_cuda and config.channels_last else torch.contiguous_format
         model.to(run_device, memory_format=memory_format)
         console = Console() if show_progress and dist_info.is_main else None
