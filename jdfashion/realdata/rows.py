@@ -215,9 +215,9 @@ def _row_specs() -> dict[str, RowSpec]:
 
 ROWS = _row_specs()
 # What `bench real` runs without --rows: every frozen branch set, the default training recipe once
-# (the 2-epoch fine-tune of the best branch set, 22-50 min here), and every self-trained and
-# transductive row with the fused one: about 162 min on 2 cores, summed from parts timed apart
-# (docs/REALDATA.md). Left to --rows:
+# (the 2-epoch fine-tune of the best branch set, 22-37 min here), and every self-trained and
+# transductive row with the fused one: 144 min on 2 cores, timed in one run (docs/REALDATA.md).
+# Left to --rows:
 # the whitened rows (16 min each, below their frozen rows on the test), the other fine-tunes (45 min
 # a seed) and the fusion of those. The fine-tune runs last, so a stopped run has the cheap rows (the
 # table keeps ROWS' order whatever the running order).
