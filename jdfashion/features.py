@@ -89,8 +89,9 @@ def model_outputs(model: torch.nn.Module, images: torch.Tensor, head: Head, flip
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """How features are computed; ``head``, ``flip`` and ``rotation`` (degrees, counter-clockwise: one
-    view of rotation TTA) change the features, the rest only the speed."""
+    """How features are computed; ``head``, ``flip``, ``rotation`` (degrees, counter-clockwise: one
+    view of rotation TTA) and ``deskew`` (each image turned back by its own tilt first) change the
+    features, the rest only the speed."""
 
     head: Head = "embedding"
     flip: bool = False
@@ -98,6 +99,7 @@ class ExtractOptions:
     num_workers: int = 2
     show_progress: bool = True
     rotation: float = 0.0
+    deskew: bool = False
 
 
 @contextlib.contextmanager
@@ -127,7 +129,12 @@ def iterate_outputs(
     dataset = ItemDataset(
         [Sample(ref, 0) for ref in refs],
         image_root,
-        eval_transform(trained.image_size, *trained.model_config.normalization, rotation=options.rotation),
+        eval_transform(
+            trained.image_size,
+            *trained.model_config.normalization,
+            rotation=options.rotation,
+            deskew=options.deskew,
+        ),
     )
     loader = DataLoader(
         dataset,
@@ -169,13 +176,16 @@ def compute_features(
 
 
 def fingerprint(trained: TrainedModel, refs: Sequence[ImageRef], options: ExtractOptions) -> str:
-    """Each rotation view has its own; upright views keep the fingerprint they had before rotations."""
+    """Each rotation view, and a deskewed extraction, has its own; plain upright views keep the
+    fingerprint they had before either option existed."""
     digest = hashlib.sha256()
     digest.update(trained.weights_sha256.encode())
     digest.update(json.dumps(trained.model_config.to_dict(), sort_keys=True).encode())
     digest.update(f"size={trained.image_size} head={options.head} flip={options.flip}\n".encode())
     if options.rotation % 360:  # "crop": the view is cut to the turned frame's largest upright box
         digest.update(f"rotation={options.rotation % 360:g} view=crop\n".encode())
+    if options.deskew:
+        digest.update(b"deskew=edges\n")
     for ref in refs:
         box = ref.box
         digest.update(f"{ref.url} {box.x1} {box.y1} {box.x2} {box.y2}\n".encode())
@@ -232,6 +242,7 @@ class FeatureCache:
             "head": options.head,
             "flip": options.flip,
             "rotation": options.rotation,
+            "deskew": options.deskew,
             "image_size": trained.image_size,
             "weights_sha256": trained.weights_sha256,
             "model_dir": str(trained.directory),
@@ -272,10 +283,11 @@ class FeatureExtractor:
         flip: bool = False,
         batch_size: int = 64,
         rotations: Sequence[float] = (0.0,),
+        deskew: bool = False,
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.trained = load_trained(Path(model_dir), device)
-        self.options = ExtractOptions(flip=flip, batch_size=batch_size, show_progress=False)
+        self.options = ExtractOptions(flip=flip, batch_size=batch_size, show_progress=False, deskew=deskew)
         self.rotations = tuple(rotations)
 
     def __call__(self, refs: Sequence[ImageRef], image_root: Path | str) -> FeatureSet:

@@ -90,6 +90,9 @@ class RetrievalOptions:
     # its best view. The query side costs Q extractions per angle, the gallery side G.
     rotations: tuple[float, ...] = (0.0,)
     rotation_side: RotationSide = "query"
+    # Each query photo turned back by its own tilt before extraction (jdfashion.data.deskew); shop
+    # images are upright, and straightening them too lost rank-1 (docs/REALDATA.md).
+    deskew_queries: bool = False
     # Transductive self-training (jdfashion.selftrain): each model's part map learned from its own
     # ranking of the searched queries under the options above, then the lists ranked again.
     self_training: SelfTraining | None = None
@@ -127,7 +130,9 @@ class RetrievalOptions:
     def angles(self, side: RotationSide) -> tuple[float, ...]:
         return self.rotations if side == self.rotation_side else (0.0,)
 
-    def extraction(self, head: Head = "embedding", rotation: float = 0.0) -> ExtractOptions:
+    def extraction(
+        self, head: Head = "embedding", rotation: float = 0.0, deskew: bool = False
+    ) -> ExtractOptions:
         return ExtractOptions(
             head=head,
             flip=self.flip,
@@ -135,6 +140,7 @@ class RetrievalOptions:
             num_workers=self.num_workers,
             show_progress=self.show_progress,
             rotation=rotation,
+            deskew=deskew,
         )
 
 
@@ -258,16 +264,19 @@ class Workspace:
         description: str,
     ) -> FeatureSet:
         """Query or gallery embeddings: (V, N, D) views when rotation TTA is on for ``side`` (each
-        view cached under its own fingerprint), else (N, D)."""
+        view cached under its own fingerprint), else (N, D); queries deskewed if asked."""
         trained = self.trained(task, backbone)
+        deskew = options.deskew_queries and side == "query"
         return stack_views(
             [
                 self.cache.extract(
                     trained,
                     refs,
                     self.data.images,
-                    options.extraction(rotation=angle),
-                    f"{description} {side}" + (f" @{angle:g} deg" if angle else ""),
+                    options.extraction(rotation=angle, deskew=deskew),
+                    f"{description} {side}"
+                    + (" deskewed" if deskew else "")
+                    + (f" @{angle:g} deg" if angle else ""),
                 )
                 for angle in options.angles(side)
             ]

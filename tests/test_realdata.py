@@ -20,7 +20,15 @@ from jdfashion.features import FeatureExtractor
 from jdfashion.paths import DataLayout
 from jdfashion.realdata import run_real_protocol
 from jdfashion.realdata.protocol import ROTATED_DIR, build_rotated_queries
-from jdfashion.realdata.rows import BRANCH_ROWS, DEFAULT_ROWS, ROWS, SHORT, TTA_ROWS
+from jdfashion.realdata.rows import (
+    BRANCH_ROWS,
+    DEFAULT_ROWS,
+    DESKEW_ROWS,
+    ROWS,
+    SHORT,
+    TTA_ROWS,
+    RunSettings,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 # One seed, one epoch at the smallest size that keeps 8x8 maps, 32 queries, 3 photos per training
@@ -207,19 +215,28 @@ def test_rows_report_rotated_queries_and_rotation_tta(micro_run: tuple[Path, obj
     assert "| lite0-frozen-global |" in (out / "REALDATA-results.md").read_text().split("Rotated queries")[1]
 
 
+def turned_query_photos(
+    out: Path, tmp_path: Path, angle: float, step: int
+) -> tuple[Path, list[ImageRef], list[ImageRef]]:
+    """The micro run's frozen global model, every ``step``-th test query, and those photos turned by
+    ``angle`` degrees (canvas grown, black corners, lossless PNG)."""
+    model_dir = out / "weights" / "lite0-frozen-global" / "seed0" / "clothes" / "efficientnet_lite0"
+    photos = read_images(DataLayout(out / "data").queries)[::step]
+    turned = []
+    for number, ref in enumerate(photos):
+        path = tmp_path / f"{number}.png"
+        image = Image.open(url_to_path(ref.url, tmp_path)).convert("RGB").rotate(angle, expand=True)
+        image.save(path)
+        turned.append(ImageRef(path.as_uri(), Box(0, 0, *image.size)))
+    return model_dir, photos, turned
+
+
 def test_a_quarter_turned_photo_is_matched_by_its_turned_back_view(
     micro_run: tuple[Path, object], tmp_path: Path
 ) -> None:
     """Real photos through the frozen pretrained network: the -90 degree view of a photo turned by 90
     degrees is the upright photo (a quarter turn loses nothing), so TTA recovers its features."""
-    out, _ = micro_run
-    model_dir = out / "weights" / "lite0-frozen-global" / "seed0" / "clothes" / "efficientnet_lite0"
-    photos = read_images(DataLayout(out / "data").queries)[::8]
-    turned = []
-    for number, ref in enumerate(photos):
-        path = tmp_path / f"{number}.jpg"
-        Image.open(url_to_path(ref.url, tmp_path)).rotate(90, expand=True).save(path, quality=95)
-        turned.append(ImageRef(path.as_uri(), Box(0, 0, ref.box.y2, ref.box.x2)))
+    model_dir, photos, turned = turned_query_photos(micro_run[0], tmp_path, angle=90, step=8)
     upright = FeatureExtractor(model_dir, device="cpu")(photos, tmp_path).features.float()
     views = FeatureExtractor(model_dir, device="cpu", rotations=(0.0, -90.0))(
         turned, tmp_path
@@ -228,6 +245,41 @@ def test_a_quarter_turned_photo_is_matched_by_its_turned_back_view(
     as_turned, turned_back = (torch.nn.functional.cosine_similarity(view, upright) for view in views)
     assert bool((turned_back > 0.97).all()), turned_back
     assert bool((turned_back > as_turned).all())
+
+
+def test_a_turned_photo_deskewed_is_nearer_its_upright_features(
+    micro_run: tuple[Path, object], tmp_path: Path
+) -> None:
+    """Real photos through the frozen pretrained network: turned by 25 degrees (black corners, as the
+    rotated protocol turns them), then deskewed by the tilt of their own edges, they come back nearer
+    the upright photo's features than the turned photo is."""
+    model_dir, photos, turned = turned_query_photos(micro_run[0], tmp_path, angle=25, step=4)
+    upright = FeatureExtractor(model_dir, device="cpu")(photos, tmp_path).features.float()
+    as_turned, deskewed = (
+        torch.nn.functional.cosine_similarity(
+            FeatureExtractor(model_dir, device="cpu", deskew=deskew)(turned, tmp_path).features.float(),
+            upright,
+        )
+        for deskew in (False, True)
+    )
+    assert float(deskewed.median()) > float(as_turned.median()) + 0.05, (deskewed, as_turned)
+
+
+def test_deskew_columns_are_measured_on_the_deskew_rows_only() -> None:
+    settings = RunSettings(
+        Path("out"), (0,), None, None, smoke=False, options=pipeline.RetrievalOptions(), rotation=True
+    )
+    for name in DEFAULT_ROWS:
+        deskewed = [variant for variant in settings.variants(ROWS[name]) if variant.deskew]
+        assert bool(deskewed) == (name in DESKEW_ROWS), name
+        for variant in deskewed:
+            options = settings.options_for(variant, ROWS[name].options(settings.options, 0))
+            assert options.deskew_queries and options.rotation_side == "query"
+            assert options.rotations == ((0.0, 90.0, -90.0) if variant.quarter_views else (0.0,))
+    smoke = RunSettings(
+        Path("out"), (0,), None, None, smoke=True, options=pipeline.RetrievalOptions(), rotation=True
+    )
+    assert not any(variant.deskew for name in DESKEW_ROWS for variant in smoke.variants(ROWS[name]))
 
 
 def test_the_default_table_is_self_contained_and_keeps_every_reference() -> None:
@@ -242,6 +294,7 @@ def test_the_default_table_is_self_contained_and_keeps_every_reference() -> None
         needed = set(spec.members) | ({spec.model_row} if spec.model_row else set())
         assert needed <= set(DEFAULT_ROWS), name
     assert set(TTA_ROWS) <= set(DEFAULT_ROWS)
+    assert set(DESKEW_ROWS) <= set(TTA_ROWS)
 
 
 def test_rows_on_one_model_learn_each_self_trained_map_once(

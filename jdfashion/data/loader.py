@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from jdfashion.data.deskew import Deskew
 from jdfashion.data.images import load_item
 from jdfashion.data.jdformat import ImageRef
 
@@ -24,15 +25,21 @@ Stats = tuple[float, ...]
 UNREADABLE_SIZE = 64  # the black stand-in for an undecodable image; resized like any crop
 
 
-def eval_transform(image_size: int, mean: Stats, std: Stats, rotation: float = 0.0) -> A.Compose:
+def eval_transform(
+    image_size: int, mean: Stats, std: Stats, rotation: float = 0.0, deskew: bool = False
+) -> A.Compose:
     """The item crop is squashed to a square, as the paper's 384x384 input. ``mean``/``std`` are the
     backbone's own (``model.backbones.input_normalization``), never assumed.
 
     ``rotation`` (degrees, counter-clockwise) is one view of rotation TTA: the square is turned, cut
     to the largest upright box inside the turned frame (no fill corners: black ones matched every
     photo with black corners on the Grocery protocol) and resized back. A quarter turn is exact.
+
+    ``deskew`` first turns the crop back by its own tilt (``data.deskew``), at source resolution:
+    turning after the resize lost more than it won (docs/REALDATA.md).
     """
-    steps: list[A.BasicTransform] = [A.Resize(image_size, image_size)]
+    steps: list[A.BasicTransform] = [Deskew()] if deskew else []
+    steps.append(A.Resize(image_size, image_size))
     if rotation % 360:
         steps += [
             A.Rotate(limit=(rotation, rotation), border_mode=cv2.BORDER_REFLECT_101, crop_border=True, p=1.0),

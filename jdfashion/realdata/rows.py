@@ -108,6 +108,9 @@ class QueryVariant:
     rotated: bool
     tta: bool
     transductive: bool = False
+    # Each query turned back by its own tilt (``--deskew-queries``), with quarter-turn views or not.
+    deskew: bool = False
+    quarter_views: bool = False
 
 
 # Rows whose TTA columns are measured: query-side TTA extracts the 923 queries 4 more times per
@@ -127,7 +130,20 @@ QUERY_VARIANTS = (
     QueryVariant("rotated + TTA", rotated=True, tta=True),
     QueryVariant("upright + transductive", rotated=False, tta=False, transductive=True),
     QueryVariant("rotated + TTA + transductive", rotated=True, tta=True, transductive=True),
+    QueryVariant("upright + deskew", rotated=False, tta=False, deskew=True),
+    QueryVariant("rotated + deskew", rotated=True, tta=False, deskew=True),
+    QueryVariant(
+        "upright + deskew + quarter views", rotated=False, tta=False, deskew=True, quarter_views=True
+    ),
+    QueryVariant(
+        "rotated + deskew + quarter views", rotated=True, tta=False, deskew=True, quarter_views=True
+    ),
 )
+# Rows whose deskew columns are measured (issue 11): the best branch set and the best pipeline on its
+# features, 923 queries x 8 extractions once (about 7 minutes here), shared by both rows.
+DESKEW_ROWS = ("lite0-frozen-horizontal", "lite0-selftrained-horizontal-transductive")
+# After deskewing, a photo turned past 45 degrees is a quarter turn away from upright.
+QUARTER_VIEWS = (0.0, 90.0, -90.0)
 
 
 @dataclass(frozen=True)
@@ -216,7 +232,8 @@ def _row_specs() -> dict[str, RowSpec]:
 ROWS = _row_specs()
 # What `bench real` runs without --rows: every frozen branch set, the default training recipe once
 # (the 2-epoch fine-tune of the best branch set, 22-37 min here), and every self-trained and
-# transductive row with the fused one: 144 min on 2 cores, timed in one run (docs/REALDATA.md).
+# transductive row with the fused one: 144 min on 2 cores, timed in one run, about 155 with the deskew
+# columns added since (docs/REALDATA.md).
 # Left to --rows:
 # the whitened rows (16 min each, below their frozen rows on the test), the other fine-tunes (45 min
 # a seed) and the fusion of those. The fine-tune runs last, so a stopped run has the cheap rows (the
@@ -248,7 +265,8 @@ class RunSettings:
     image_size: int | None
     smoke: bool
     options: RetrievalOptions
-    rotation: bool = False  # score QUERY_VARIANTS too (TTA ones for TTA_ROWS, not in the smoke run)
+    # Score QUERY_VARIANTS too: the TTA ones for TTA_ROWS, the deskew ones for DESKEW_ROWS, neither in smoke.
+    rotation: bool = False
     rotation_side: RotationSide = "query"
     # One workspace per model for the whole run: rows on the same model (a self-trained row, its
     # transductive twin, their fusion, the variant columns) then share its loaded weights and every
@@ -271,11 +289,19 @@ class RunSettings:
         if not self.rotation:
             return ()
         tta = spec.name in TTA_ROWS and not self.smoke
-        return tuple(variant for variant in QUERY_VARIANTS if tta or not variant.tta)
+        deskew = spec.name in DESKEW_ROWS and not self.smoke
+        return tuple(
+            variant
+            for variant in QUERY_VARIANTS
+            if (tta or not variant.tta) and (deskew or not variant.deskew)
+        )
 
     def options_for(self, variant: QueryVariant, row_options: RetrievalOptions) -> RetrievalOptions:
         """``row_options`` (the row's own, e.g. self-training) with the variant's on top."""
         options = replace(row_options, **TRANSDUCTIVE) if variant.transductive else row_options
+        if variant.deskew:
+            views = QUARTER_VIEWS if variant.quarter_views else (0.0,)
+            return replace(options, deskew_queries=True, rotations=views, rotation_side="query")
         if not variant.tta:
             return options
         return replace(options, rotations=ROTATION_TTA, rotation_side=self.rotation_side)
