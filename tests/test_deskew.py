@@ -57,9 +57,10 @@ def test_the_tilt_of_a_real_photo_follows_its_turn(package_photos: list[Image.Im
 
 def test_deskew_straightens_a_turned_photo(package_photos: list[Image.Image]) -> None:
     for photo in package_photos:
-        straightened = Deskew()(image=turned(photo, 30.0))["image"]
+        slanted = turned(photo, 30.0)
+        straightened = Deskew()(image=slanted)["image"]
         assert abs(tilt(straightened)) < 2.5
-        assert abs(tilt(turned(photo, 30.0))) > abs(tilt(straightened))
+        assert abs(tilt(slanted)) > abs(tilt(straightened))
 
 
 def test_deskew_runs_before_the_resize_and_only_when_asked(package_photos: list[Image.Image]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -276,9 +277,7 @@ def test_deskew_columns_are_measured_on_the_deskew_rows_only() -> None:
             options = settings.options_for(variant, ROWS[name].options(settings.options, 0))
             assert options.deskew_queries and options.rotation_side == "query"
             assert options.rotations == ((0.0, 90.0, -90.0) if variant.quarter_views else (0.0,))
-    smoke = RunSettings(
-        Path("out"), (0,), None, None, smoke=True, options=pipeline.RetrievalOptions(), rotation=True
-    )
+    smoke = dataclasses.replace(settings, smoke=True)
     assert not any(variant.deskew for name in DESKEW_ROWS for variant in smoke.variants(ROWS[name]))
 
 
