@@ -346,6 +346,7 @@ def retrieval_options(
     rotations: str,
     rotation_side: str,
     deskew_queries: bool,
+    choose_upright: bool,
     centring: float,
     query_augmentation: int,
     query_augmentation_alpha: float,
@@ -373,6 +374,7 @@ def retrieval_options(
         rotations=parse_rotations(rotations),
         rotation_side=rotation_side,
         deskew_queries=deskew_queries,
+        choose_upright=choose_upright,
         centring=centring,
         query_augmentation=query_augmentation,
         query_augmentation_alpha=query_augmentation_alpha,
@@ -445,6 +447,13 @@ def retrieval_flags(function):
                 show_default=True,
                 help="Turn each query photo back by the tilt of its own edges before extraction "
                 "(a tilt past 45 degrees needs --rotations 0,90,-90 too).",
+            ),
+            click.option(
+                "--choose-upright/--no-choose-upright",
+                default=False,
+                show_default=True,
+                help="Keep one view per query (needs query --rotations): the one a turn classifier, "
+                "learned from the training photos, votes upright, plus its best match.",
             ),
             click.option("--batch-size", default=64, show_default=True),
             click.option("--workers", default=2, show_default=True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -20,6 +21,7 @@ import torch
 
 from jdfashion.checkpoint import TrainedModel, load_trained
 from jdfashion.data.jdformat import Category, ImageRef, read_images, read_pairs, read_truth
+from jdfashion.data.split import training_identities
 from jdfashion.features import (
     ExtractOptions,
     FeatureCache,
@@ -43,6 +45,7 @@ from jdfashion.rerank import database_augmentation, domain_centring, k_reciproca
 from jdfashion.search import Features, best_view, topk, views
 from jdfashion.selftrain import SelfTraining, apply_part_map, confident_queries, learn_part_map, part_view
 from jdfashion.submission import submission_filename, write_submission
+from jdfashion.upright import UPRIGHT_PHOTOS, VOTE_WEIGHT, TurnClassifier, fit_turn_classifier, training_turns
 
 TOP_K = 10
 RotationSide = Literal["query", "gallery"]
@@ -93,6 +96,9 @@ class RetrievalOptions:
     # Each query photo turned back by its own tilt before extraction (jdfashion.data.deskew); shop
     # images are upright, and straightening them too lost rank-1 (docs/REALDATA.md).
     deskew_queries: bool = False
+    # With query views, keep one per query: the view the turn classifier learned from the training
+    # photos (jdfashion.upright) votes upright, plus its best match, instead of every view scored.
+    choose_upright: bool = False
     # Transductive self-training (jdfashion.selftrain): each model's part map learned from its own
     # ranking of the searched queries under the options above, then the lists ranked again.
     self_training: SelfTraining | None = None
@@ -115,6 +121,11 @@ class RetrievalOptions:
             raise ValueError(
                 "re-ranking needs one vector per gallery image: use rotation TTA on the query side "
                 "(--rotation-side query) with query expansion, database augmentation or --rerank"
+            )
+        if self.choose_upright and (self.rotation_side != "query" or len(self.rotations) < 2):
+            raise ValueError(
+                "choose_upright picks one of each query's views: give query views, e.g. "
+                "--rotations 0,90,-90 --rotation-side query"
             )
         if self.self_training is not None and self.rotation_side == "gallery" and len(self.rotations) > 1:
             raise ValueError(
@@ -151,6 +162,7 @@ class Workspace:
     device: str | None = None
     _models: dict[Path, TrainedModel] = field(default_factory=dict, repr=False)
     _self_trained: dict[Hashable, tuple[FeatureSet, FeatureSet]] = field(default_factory=dict, repr=False)
+    _turn_classifiers: dict[Hashable, TurnClassifier] = field(default_factory=dict, repr=False)
 
     @classmethod
     def at(
@@ -282,6 +294,51 @@ class Workspace:
             ]
         )
 
+    def pair_features(
+        self,
+        task: Category,
+        backbone: str,
+        queries: Sequence[ImageRef],
+        gallery: Sequence[ImageRef],
+        options: RetrievalOptions,
+        description: str,
+    ) -> tuple[FeatureSet, FeatureSet]:
+        """Query and gallery embeddings as ``options`` search them (:meth:`side_features`), the
+        queries' views reduced to the upright one if ``choose_upright``."""
+        query_set, gallery_set = (
+            self.side_features(side, task, backbone, refs, options, description)
+            for side, refs in (("query", queries), ("gallery", gallery))
+        )
+        if not options.choose_upright:
+            return query_set, gallery_set
+        votes = self.turn_classifier(task, backbone, options).upright_votes(
+            query_set.features, options.rotations
+        )
+        chosen = best_view(query_set.features, gallery_set.features, VOTE_WEIGHT * votes)
+        return dataclasses.replace(query_set, features=chosen), gallery_set
+
+    def turn_classifier(self, task: Category, backbone: str, options: RetrievalOptions) -> TurnClassifier:
+        """The turn classifier of ``options``' query views for this model, learned once per workspace
+        from up to ``UPRIGHT_PHOTOS`` training photos of ``task`` (a seeded sample), each extracted
+        (and cached) at every turn those views can show, deskewed as the queries are."""
+        turns = training_turns(options.rotations)
+        key = (task, backbone, turns, options.deskew_queries, options.flip)
+        if key not in self._turn_classifiers:
+            photos = [ref for identity in training_identities(self.data, task) for ref in identity.consumers]
+            if not photos:
+                raise ValueError(
+                    f"{self.data.train_pairs}: no {task.label} training photos to learn upright from"
+                )
+            photos = random.Random(0).sample(photos, min(UPRIGHT_PHOTOS, len(photos)))
+            learning = dataclasses.replace(
+                options, rotations=turns, choose_upright=False, rotation_side="query"
+            )
+            turned = self.side_features(
+                "query", task, backbone, photos, learning, f"{task.label}/{backbone} upright"
+            )
+            self._turn_classifiers[key] = fit_turn_classifier(turned.features, turns)
+        return self._turn_classifiers[key]
+
 
 def data_categories(layout: DataLayout) -> list[Category]:
     """The categories of p.txt's pairs, or of the validation split when there is no p.txt."""
@@ -360,10 +417,7 @@ def extract_validation(
 ) -> tuple[FeatureSet, FeatureSet]:
     val = validation_set(workspace, category)
     name = f"{category.label}/{backbone} val"
-    return (
-        workspace.side_features("query", category, backbone, val.queries, options, name),
-        workspace.side_features("gallery", category, backbone, val.gallery, options, name),
-    )
+    return workspace.pair_features(category, backbone, val.queries, val.gallery, options, name)
 
 
 def validation_features(
@@ -491,10 +545,7 @@ def extract_test(
 ) -> tuple[FeatureSet, FeatureSet]:
     queries, gallery = assignment.subset(category)
     name = f"{category.label}/{backbone} test"
-    return (
-        workspace.side_features("query", category, backbone, queries, options, name),
-        workspace.side_features("gallery", category, backbone, gallery, options, name),
-    )
+    return workspace.pair_features(category, backbone, queries, gallery, options, name)
 
 
 def _per_view(method: Callable[[torch.Tensor], torch.Tensor], queries: torch.Tensor) -> torch.Tensor:

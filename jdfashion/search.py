@@ -157,12 +157,15 @@ def map_rows(features: Features, transform: Callable[[Features, np.ndarray], tor
     return out
 
 
-def best_view(queries: Features, gallery: Features) -> Features:
-    """Per query the one view whose nearest gallery item scores highest, (Q, D); (Q, D) queries pass
-    through. For methods that need one vector per query (k-reciprocal re-ranking)."""
+def best_view(queries: Features, gallery: Features, prior: torch.Tensor | None = None) -> Features:
+    """Per query the one view whose nearest gallery item scores highest, (Q, D), that score plus the
+    (V, Q) ``prior`` if given (:mod:`jdfashion.upright`'s vote); (Q, D) queries pass through. For
+    methods that need one vector per query (k-reciprocal re-ranking, self-training)."""
     if queries.ndim == 2:
         return queries
     nearest = np.stack([topk(view, gallery, 1)[0][:, 0] for view in views(queries)])
+    if prior is not None:
+        nearest = nearest + prior.double().numpy()
     choice = torch.from_numpy(nearest.argmax(axis=0))
     return torch.as_tensor(queries)[choice, torch.arange(queries.shape[1])]
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from jdfashion import pipeline
 from jdfashion.data.images import url_to_path
 from jdfashion.data.jdformat import Box, ImageRef, read_images, read_pairs, read_truth
-from jdfashion.data.manifest import GROCERY_TEST_CLASSES
+from jdfashion.data.manifest import GROCERY_CATEGORY, GROCERY_TEST_CLASSES
 from jdfashion.features import FeatureExtractor
 from jdfashion.paths import DataLayout
 from jdfashion.realdata import run_real_protocol
@@ -266,6 +266,24 @@ def test_a_turned_photo_deskewed_is_nearer_its_upright_features(
     assert float(deskewed.median()) > float(as_turned.median()) + 0.05, (deskewed, as_turned)
 
 
+def test_the_turn_classifier_learned_from_training_photos_finds_which_way_is_up(
+    micro_run: tuple[Path, object], tmp_path: Path
+) -> None:
+    """Real photos through the frozen pretrained network: learned from the micro run's training photos
+    alone, the classifier votes upright the 0 degree view of unseen upright test photos and the -90
+    degree view of the same photos turned by 90."""
+    out = micro_run[0]
+    model_dir, photos, turned = turned_query_photos(out, tmp_path, angle=90, step=2)
+    workspace = pipeline.Workspace.at(out / "data", out / "weights" / "lite0-frozen-global" / "seed0", "cpu")
+    views = (0.0, 90.0, -90.0)
+    options = pipeline.RetrievalOptions(rotations=views, num_workers=0, show_progress=False)
+    classifier = workspace.turn_classifier(GROCERY_CATEGORY, "efficientnet_lite0", options)
+    for refs, upright in ((photos, 0.0), (turned, -90.0)):
+        features = FeatureExtractor(model_dir, device="cpu", rotations=views)(refs, tmp_path).features
+        picked = classifier.upright_votes(features, views).argmax(0)
+        assert float((picked == views.index(upright)).float().mean()) >= 0.8, (upright, picked)
+
+
 def test_deskew_columns_are_measured_on_the_deskew_rows_only() -> None:
     settings = RunSettings(
         Path("out"), (0,), None, None, smoke=False, options=pipeline.RetrievalOptions(), rotation=True
@@ -277,6 +295,9 @@ def test_deskew_columns_are_measured_on_the_deskew_rows_only() -> None:
             options = settings.options_for(variant, ROWS[name].options(settings.options, 0))
             assert options.deskew_queries and options.rotation_side == "query"
             assert options.rotations == ((0.0, 90.0, -90.0) if variant.quarter_views else (0.0,))
+            assert options.choose_upright == variant.choose_upright
+    names = [variant.name for variant in settings.variants(ROWS[DESKEW_ROWS[0]])]
+    assert {"upright + deskew + upright view", "rotated + deskew + upright view"} <= set(names)
     smoke = dataclasses.replace(settings, smoke=True)
     assert not any(variant.deskew for name in DESKEW_ROWS for variant in smoke.variants(ROWS[name]))
 

@@ -111,6 +111,8 @@ class QueryVariant:
     # Each query turned back by its own tilt (``--deskew-queries``), with quarter-turn views or not.
     deskew: bool = False
     quarter_views: bool = False
+    # One quarter view kept per query, the one the turn classifier votes upright (``--choose-upright``).
+    choose_upright: bool = False
 
 
 # Rows whose TTA columns are measured: query-side TTA extracts the 923 queries 4 more times per
@@ -138,9 +140,21 @@ QUERY_VARIANTS = (
     QueryVariant(
         "rotated + deskew + quarter views", rotated=True, tta=False, deskew=True, quarter_views=True
     ),
+    *(
+        QueryVariant(
+            f"{'rotated' if rotated else 'upright'} + deskew + upright view",
+            rotated=rotated,
+            tta=False,
+            deskew=True,
+            quarter_views=True,
+            choose_upright=True,
+        )
+        for rotated in (False, True)
+    ),
 )
 # Rows whose deskew columns are measured (issue 11): the best branch set and the best pipeline on its
-# features, 923 queries x 8 extractions once (about 7 minutes here), shared by both rows.
+# features, 923 queries x 8 extractions once (about 7 minutes here), shared by both rows, and the
+# upright-view columns' turn classifier: 1,200 training photos x 4 turns once (about 4 minutes).
 DESKEW_ROWS = ("lite0-frozen-horizontal", "lite0-selftrained-horizontal-transductive")
 # After deskewing, a photo turned past 45 degrees is a quarter turn away from upright.
 QUARTER_VIEWS = (0.0, 90.0, -90.0)
@@ -301,7 +315,13 @@ class RunSettings:
         options = replace(row_options, **TRANSDUCTIVE) if variant.transductive else row_options
         if variant.deskew:
             views = QUARTER_VIEWS if variant.quarter_views else (0.0,)
-            return replace(options, deskew_queries=True, rotations=views, rotation_side="query")
+            return replace(
+                options,
+                deskew_queries=True,
+                rotations=views,
+                rotation_side="query",
+                choose_upright=variant.choose_upright,
+            )
         if not variant.tta:
             return options
         return replace(options, rotations=ROTATION_TTA, rotation_side=self.rotation_side)
@@ -681,10 +701,7 @@ def _test_features(
 ) -> tuple[FeatureSet, FeatureSet]:
     """A model's test features as ``options`` rank them: self-trained on the run's device, if on, by the
     workspace's one map for these queries, gallery and options."""
-    pair = (
-        workspace.side_features("query", GROCERY_CATEGORY, backbone, queries, options, f"{backbone} test"),
-        workspace.side_features("gallery", GROCERY_CATEGORY, backbone, gallery, options, f"{backbone} test"),
-    )
+    pair = workspace.pair_features(GROCERY_CATEGORY, backbone, queries, gallery, options, f"{backbone} test")
     key = ("test", backbone, tuple(ref.url for ref in queries), tuple(ref.url for ref in gallery))
     return workspace.self_trained(pair, options, key)
 
