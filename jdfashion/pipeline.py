@@ -30,7 +30,16 @@ from jdfashion.features import (
     predicted_categories,
     stack_views,
 )
-from jdfashion.fusion import FusionWeights, TuneResult, fuse, fused_topk, tune_weights
+from jdfashion.fusion import (
+    SCORE_NORMALISATIONS,
+    FusionWeights,
+    ScoreNormalisation,
+    TuneResult,
+    fuse,
+    fused_topk,
+    score_scales,
+    tune_weights,
+)
 from jdfashion.metrics import Scores, evaluate
 from jdfashion.paths import (
     MODEL_CONFIG,
@@ -102,6 +111,10 @@ class RetrievalOptions:
     # Transductive self-training (jdfashion.selftrain): each model's part map learned from its own
     # ranking of the searched queries under the options above, then the lists ranked again.
     self_training: SelfTraining | None = None
+    # Each model's scores of a query divided by their spread over the gallery before the weighted sum
+    # (fusion.score_scales): distinct networks' cosines need not share a scale. One model alone ranks
+    # the same either way.
+    score_normalisation: ScoreNormalisation = "none"
 
     def __post_init__(self) -> None:
         if not self.rotations or len(set(self.rotations)) != len(self.rotations):
@@ -126,6 +139,16 @@ class RetrievalOptions:
             raise ValueError(
                 "choose_upright picks one of each query's views: give query views, e.g. "
                 "--rotations 0,90,-90 --rotation-side query"
+            )
+        if self.score_normalisation not in SCORE_NORMALISATIONS:
+            raise ValueError(
+                f"score_normalisation must be one of {', '.join(SCORE_NORMALISATIONS)}, "
+                f"got {self.score_normalisation!r}"
+            )
+        if self.score_normalisation != "none" and self.reranks:
+            raise ValueError(
+                "score normalisation weighs each query's scores inside the fused search; re-ranking "
+                "(query expansion, database augmentation, --rerank) searches fused vectors instead"
             )
         if self.self_training is not None and self.rotation_side == "gallery" and len(self.rotations) > 1:
             raise ValueError(
@@ -191,9 +214,11 @@ class Workspace:
             return pair
         if key is None:
             return self_trained(*pair, options, self.run_device)
-        if (key, options) not in self._self_trained:
-            self._self_trained[key, options] = self_trained(*pair, options, self.run_device)
-        return self._self_trained[key, options]
+        # One model's map does not depend on how the models' scores are later put on one scale.
+        key = (key, dataclasses.replace(options, score_normalisation="none"))
+        if key not in self._self_trained:
+            self._self_trained[key] = self_trained(*pair, options, self.run_device)
+        return self._self_trained[key]
 
     @cached_property
     def categories(self) -> list[Category]:
@@ -587,6 +612,13 @@ def _searched_sides(
     return queries, gallery
 
 
+def _query_scales(
+    queries: dict[str, Features], gallery: dict[str, Features], options: RetrievalOptions
+) -> dict[str, torch.Tensor | None]:
+    """Each model's per-query score factors under ``options.score_normalisation`` (none: no factors)."""
+    return {m: score_scales(queries[m], gallery[m], options.score_normalisation) for m in queries}
+
+
 def _ranking(
     query_sets: dict[str, FeatureSet],
     gallery_sets: dict[str, FeatureSet],
@@ -604,7 +636,8 @@ def _ranking(
     models = [name for name, weight in weights.items() if weight > 0]
     query_features, gallery_features = _searched_sides(query_sets, gallery_sets, models, options)
     if not options.reranks:
-        return fused_topk(query_features, gallery_features, weights, k)
+        scales = _query_scales(query_features, gallery_features, options) if len(models) > 1 else None
+        return fused_topk(query_features, gallery_features, weights, k, query_scales=scales)
     return _reranked(fuse(query_features, weights), fuse(gallery_features, weights), options, k)
 
 
@@ -715,6 +748,7 @@ def tune_on_validation(
         [r.url for r in val.queries],
         [r.url for r in val.gallery],
         val.truth,
+        query_scales=_query_scales(queries, gallery, options),
     )
 
 

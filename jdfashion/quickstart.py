@@ -16,14 +16,15 @@ from jdfashion.data.jdformat import Category, read_images, read_truth
 from jdfashion.data.split import make_split
 from jdfashion.fusion import fusion_table
 from jdfashion.metrics import Scores, evaluate, scores_table
+from jdfashion.model.backbones import BACKBONE_PRESETS, DEFAULT_BACKBONE
 from jdfashion.pipeline import RetrievalOptions, Workspace, compare_postprocessing, submit, tune_fusion
 from jdfashion.report import render_sheet
 from jdfashion.search import topk
 from jdfashion.submission import read_submission, submission_filename, validate_submission, write_submission
 from jdfashion.train import train
 
-QUICK_BACKBONES = ("efficientnet_lite0", "resnet18")
-ROUTER_BACKBONE = "efficientnet_lite0"
+QUICK_BACKBONES = (DEFAULT_BACKBONE, "resnet18")
+ROUTER_BACKBONE = DEFAULT_BACKBONE
 
 
 @dataclass
@@ -134,7 +135,7 @@ def run_quickstart(
                 TrainConfig(
                     backbone=backbone,
                     category=category.label,
-                    pretrained="package" if backbone == "efficientnet_lite0" else "none",
+                    pretrained="package" if BACKBONE_PRESETS[backbone].weights_package else "none",
                     **common,
                 ),
                 workspace.data.root,

