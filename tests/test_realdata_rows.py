@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -81,5 +82,10 @@ def test_the_report_says_how_well_validation_ranks_the_rows_and_which_it_would_p
     assert "- the mean over the validation folds: Spearman rho 1.00" in text and "pick c (test" in text
     assert "| c | 0.500 | 0.600 | 0.600 | 0.700 | 3 | 0.500 | 0.600 |" in text
     assert "no-validation |" not in text.split("Validation against test:")[1]
-    restored = RowResult.from_dict(rows[1].to_dict())
+    restored = RowResult.from_dict(json.loads(json.dumps(rows[1].to_dict())))
     assert restored == rows[1] and restored.folds_map10 == (0.6,)
+    flat = [dataclasses.replace(row, val_map10=(0.5,)) for row in rows]
+    assert (
+        "Spearman rho undefined (equal scores)"
+        in RealDataReport(protocol, flat, {"command": "x"}).to_markdown()
+    )

@@ -60,18 +60,9 @@ class RowResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RowResult:
-        values = dict(data)
-        for name in (
-            "seeds",
-            "rank1",
-            "map10",
-            "rank1_test_only",
-            "map10_test_only",
-            "val_rank1",
-            "val_map10",
-        ):
-            if name in values:  # results written before a field existed leave it at its default
-                values[name] = tuple(values[name])
+        # JSON gives lists for the per-seed tuples; results written before a field existed leave it at
+        # its default.
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
         values["rotation"] = {key: tuple(v) for key, v in values.get("rotation", {}).items()}
         return cls(**values)
 
@@ -239,16 +230,24 @@ def _agreement(rows: Sequence[RowResult], field_name: str) -> str:
     """Spearman's rho between a validation score (mAP@10) and the test's, and what validation picks."""
     val = [statistics.fmean(getattr(row, field_name)) for row in rows]
     test = [statistics.fmean(row.rank1) for row in rows]
-    rho_rank1 = spearmanr(val, test).statistic
-    rho_map = spearmanr(val, [statistics.fmean(row.map10) for row in rows]).statistic
+    rho_rank1, rho_map = (
+        _spearman(val, scores) for scores in (test, [statistics.fmean(r.map10) for r in rows])
+    )
     picked = rows[max(range(len(rows)), key=lambda index: val[index])]
     best = rows[max(range(len(rows)), key=lambda index: test[index])]
     return (
-        f"Spearman rho {rho_rank1:.2f} between validation mAP@10 and test rank-1 ({rho_map:.2f} with "
+        f"Spearman rho {rho_rank1} between validation mAP@10 and test rank-1 ({rho_map} with "
         f"test mAP@10) over {len(rows)} rows; it would pick {picked.name} (test rank-1 "
         f"{statistics.fmean(picked.rank1):.3f}), the test's best is {best.name} "
         f"({statistics.fmean(best.rank1):.3f})."
     )
+
+
+def _spearman(first: Sequence[float], second: Sequence[float]) -> str:
+    """Spearman's rho to two decimals, or why it is undefined (a side whose values are all equal)."""
+    if len(set(first)) < 2 or len(set(second)) < 2:
+        return "undefined (equal scores)"
+    return f"{spearmanr(first, second).statistic:.2f}"
 
 
 def _mean_and_spread(values: Sequence[float]) -> str:
