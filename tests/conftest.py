@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,42 @@ def clothes_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(manifest, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([["path", "identity", "domain", "category", "role"], *rows.values()])
     return manifest
+
+
+@pytest.fixture
+def cli() -> Callable[..., str]:
+    """Runs one ``jdfashion`` command in-process and returns its output; a non-zero exit fails the
+    test with that output."""
+    from click.testing import CliRunner
+
+    from jdfashion.cli import main
+
+    def invoke(*args: str | Path) -> str:
+        result = CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    return invoke
+
+
+@pytest.fixture
+def tiny_resnet18(
+    demo_data: Path, tmp_path: Path, cli: Callable[..., str]
+) -> tuple[Path, Path, list[str | Path]]:
+    """A copy of the demo data with resnet18 trained on its clothes for one epoch at 48 px: (data root,
+    weights root, the options every command takes: data, weights, category, loader)."""
+    data, weights = tmp_path / "data", tmp_path / "weights"
+    shutil.copytree(demo_data, data)
+    common: list[str | Path] = [
+        "--data",
+        data,
+        "--weights-root",
+        weights,
+        "--category",
+        "clothes",
+        "--workers",
+        "0",
+    ]
+    tiny = ["--epochs", "1", "--image-size", "48", "--identities-per-batch", "2"]
+    cli("train", "--backbone", "resnet18", *tiny, *common)
+    return data, weights, common

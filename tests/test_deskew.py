@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from jdfashion.cli import main
 from jdfashion.data.deskew import Deskew, tilt
 from jdfashion.data.loader import eval_transform
 
@@ -76,29 +74,12 @@ def test_deskew_runs_before_the_resize_and_only_when_asked(package_photos: list[
     assert np.array_equal(Deskew()(image=square)["image"], square)
 
 
-def test_deskewed_queries_through_the_cli(demo_data: Path, tmp_path: Path) -> None:
+def test_deskewed_queries_through_the_cli(
+    tiny_resnet18: tuple[Path, Path, list[str | Path]], cli: Callable[..., str]
+) -> None:
     """--deskew-queries: the query side is cached deskewed under its own fingerprint, the gallery not."""
-    data = tmp_path / "data"
-    shutil.copytree(demo_data, data)
-    weights = tmp_path / "weights"
-    common = ["--data", data, "--weights-root", weights, "--category", "clothes", "--workers", "0"]
-
-    def invoke(*args: str | Path) -> None:
-        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-
-    invoke(
-        "train",
-        "--backbone",
-        "resnet18",
-        "--epochs",
-        "1",
-        "--image-size",
-        "48",
-        "--identities-per-batch",
-        "2",
-        *common,
-    )
+    _, weights, common = tiny_resnet18
+    invoke = cli
     invoke("extract", "--backbone", "resnet18", "--split", "val", *common)
     invoke("extract", "--backbone", "resnet18", "--split", "val", "--deskew-queries", *common)
     indexes = [json.loads(path.read_text()) for path in (weights / "features").glob("*/index.json")]

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from jdfashion.cli import main
 from jdfashion.data.manifest import grocery_iconic_images
 from jdfashion.model.backbones import PACKAGED_BACKBONES
 from jdfashion.submission import read_submission
@@ -50,17 +49,14 @@ def write_manifest(dataset: Path, out: Path) -> Path:
     return manifest
 
 
-def invoke(*args: str | Path) -> str:
-    result = CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def test_three_packaged_backbones_train_fuse_submit_and_score(shared_data: Path, tmp_path: Path) -> None:
+def test_three_packaged_backbones_train_fuse_submit_and_score(
+    shared_data: Path, tmp_path: Path, cli: Callable[..., str]
+) -> None:
     dataset = shared_data / "grocery-store" / "dataset"
     if not dataset.is_dir():
         pytest.skip(f"{dataset} not found")
     data, weights = tmp_path / "data", tmp_path / "weights"
+    invoke = cli
     invoke("data", "import-manifest", write_manifest(dataset, tmp_path), "--out", data)
     invoke("data", "split", "--data", data, "--val-fraction", "0.2")
     common = ("--data", data, "--weights-root", weights, "--workers", "0")

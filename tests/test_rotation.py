@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from jdfashion.cli import main
 from jdfashion.data.jdformat import read_images
 from jdfashion.data.loader import eval_transform
 from jdfashion.fusion import fuse, tune_weights_from_relevance
@@ -112,20 +110,12 @@ def test_rotation_options_are_checked() -> None:
     assert RetrievalOptions(rotations=ROTATION_TTA).angles("gallery") == (0.0,)
 
 
-def test_rotation_tta_through_the_cli(demo_data: Path, tmp_path: Path) -> None:
+def test_rotation_tta_through_the_cli(
+    tiny_resnet18: tuple[Path, Path, list[str | Path]], cli: Callable[..., str], tmp_path: Path
+) -> None:
     """extract, fuse --tune and submit with --rotations: one cache per angle, a valid submission."""
-    data = tmp_path / "data"
-    shutil.copytree(demo_data, data)
-    weights = tmp_path / "weights"
-    common = ["--data", data, "--weights-root", weights, "--category", "clothes", "--workers", "0"]
-    tiny = ["--epochs", "1", "--image-size", "48", "--identities-per-batch", "2"]
-
-    def invoke(*args: str | Path):
-        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result
-
-    invoke("train", "--backbone", "resnet18", *common, *tiny)
+    data, weights, common = tiny_resnet18
+    invoke = cli
     invoke("extract", "--backbone", "resnet18", "--split", "val", "--rotations", "-90,0,90", *common)
     rotations = [
         json.loads(index.read_text()).get("rotation") for index in (weights / "features").glob("*/index.json")
@@ -148,4 +138,4 @@ def test_rotation_tta_through_the_cli(demo_data: Path, tmp_path: Path) -> None:
         "gallery",
         *common,
     )
-    assert "clothes/resnet18 val" in gallery_side.output
+    assert "clothes/resnet18 val" in gallery_side

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from jdfashion.cli import main
 from jdfashion.data.jdformat import Category
 from jdfashion.pipeline import RetrievalOptions, Workspace, extract_validation
 from jdfashion.search import best_view
@@ -94,31 +92,13 @@ def test_choosing_upright_needs_query_views() -> None:
             RetrievalOptions(choose_upright=True, rotations=rotations, rotation_side=side)
 
 
-def test_choose_upright_through_the_cli(demo_data: Path, tmp_path: Path) -> None:
+def test_choose_upright_through_the_cli(
+    tiny_resnet18: tuple[Path, Path, list[str | Path]], cli: Callable[..., str]
+) -> None:
     """--choose-upright: the training photos are extracted deskewed at the four turns the query views can
     show (each cached under its own fingerprint) and validation keeps one vector per query."""
-    data = tmp_path / "data"
-    shutil.copytree(demo_data, data)
-    weights = tmp_path / "weights"
-    common = ["--data", data, "--weights-root", weights, "--category", "clothes", "--workers", "0"]
-
-    def invoke(*args: str | Path) -> str:
-        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.output
-
-    invoke(
-        "train",
-        "--backbone",
-        "resnet18",
-        "--epochs",
-        "1",
-        "--image-size",
-        "48",
-        "--identities-per-batch",
-        "2",
-        *common,
-    )
+    data, weights, common = tiny_resnet18
+    invoke = cli
     views = ["--deskew-queries", "--rotations", "0,90,-90"]
     invoke("extract", "--backbone", "resnet18", "--split", "val", *views, "--choose-upright", *common)
     indexes = [json.loads(path.read_text()) for path in (weights / "features").glob("*/index.json")]
