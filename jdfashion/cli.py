@@ -678,7 +678,7 @@ def validate(submission: Path, queries: Path, gallery: Path) -> None:
     type=click.Choice(["min", "truth", "hits"]),
     default="min",
     show_default=True,
-    help="AP@10 divisor: min(|T|,10) (METHOD.md), |T|, or hits in the top 10.",
+    help="AP@10 divisor: min(|T|,10) (docs/METHOD.md), |T|, or hits in the top 10.",
 )
 @click.option(
     "--categories",

@@ -1,8 +1,8 @@
-"""The challenge metric, defined once: rank-1 accuracy and mAP@10 (METHOD.md).
+"""The challenge metric, defined once: rank-1 accuracy and mAP@10 (docs/METHOD.md).
 
 AP@k = (1 / N_q) * sum_{i=1..k} P@i * rel_i, where the divisor N_q depends on ``ap_norm``:
 
-* ``"min"`` (default): min(|T_q|, k), the reading METHOD.md fixes; equal to trec_eval / ranx
+* ``"min"`` (default): min(|T_q|, k), the reading docs/METHOD.md fixes; equal to trec_eval / ranx
   ``map@10`` whenever |T_q| <= 10.
 * ``"truth"``: |T_q| (trec_eval / ranx ``map@10`` for any |T_q|).
 * ``"hits"``: the number of relevant items in the top k (0 when there are none).
