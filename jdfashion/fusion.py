@@ -32,7 +32,7 @@ from scipy.optimize import differential_evolution
 from jdfashion.atomic import atomic_write_text
 from jdfashion.data.jdformat import Category
 from jdfashion.metrics import ApNorm, average_precision, rank1, truth_matrix
-from jdfashion.search import Features, Member, is_half, rank_rows, search, unit_rows, views
+from jdfashion.search import Features, Member, is_half, rank_rows, scale_column, search, unit_rows, views
 
 DEFAULT = "*"
 ScoreNormalisation = Literal["none", "zscore", "minmax"]
@@ -385,15 +385,14 @@ def tune_weights_from_relevance(
         raise ValueError(f"models have different numbers of (query, gallery) views: {sorted(view_counts)}")
     rows = (np.arange(num_queries), np.arange(gallery_size))
     scales = query_scales or {}
-
-    def scaled(m: str, view: int) -> torch.Tensor | float:
-        return Member(query_features[m], gallery_features[m], 1.0, scales.get(m)).scale_rows(view, rows[0])
-
     scores = torch.stack(
         [
             torch.stack(
                 [
-                    (unit_rows(query, rows[0], device, f"{m} query") * scaled(m, number)).float()
+                    (
+                        unit_rows(query, rows[0], device, f"{m} query")
+                        * scale_column(scales.get(m), number, rows[0])
+                    ).float()
                     @ unit_rows(gallery, rows[1], device, f"{m} gallery").T
                     for (number, query), gallery in itertools.product(
                         enumerate(views(query_features[m])), views(gallery_features[m])

@@ -91,16 +91,21 @@ class Member:
     query_scale: torch.Tensor | None = None
 
     def scale_rows(self, view: int, rows: np.ndarray) -> torch.Tensor | float:
-        """The multipliers of ``rows`` of query view ``view``, as a column, or 1.0 without a scale."""
-        if self.query_scale is None:
-            return 1.0
-        scale = self.query_scale[view] if self.query_scale.ndim == 2 else self.query_scale
-        return scale[torch.from_numpy(rows)].double().unsqueeze(1)
+        return scale_column(self.query_scale, view, rows)
 
     @property
     def largest_weight(self) -> float:
         """The weight times the largest query scale: what bounds this member's share of a score."""
         return self.weight * (1.0 if self.query_scale is None else float(self.query_scale.max()))
+
+
+def scale_column(query_scale: torch.Tensor | None, view: int, rows: np.ndarray) -> torch.Tensor | float:
+    """The per-query multipliers (:attr:`Member.query_scale`) of ``rows`` of query view ``view``, as a
+    float64 column, or 1.0 without a scale."""
+    if query_scale is None:
+        return 1.0
+    scale = query_scale[view] if query_scale.ndim == 2 else query_scale
+    return scale[torch.from_numpy(rows)].double().unsqueeze(1)
 
 
 def rank_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

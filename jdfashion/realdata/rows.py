@@ -193,6 +193,14 @@ class RowSpec:
     score_normalisation: ScoreNormalisation = "none"
 
     @property
+    def trains(self) -> bool:
+        """Whether the row's model, or a member's, learned from the training identities (which
+        validation folds 1.. are made of, so only fold 0 validates it)."""
+        if self.kind == "fused":
+            return any(ROWS[member].trains for member in self.members)
+        return ROWS[self.model_row].trains if self.model_row else self.recipe == "tuned"
+
+    @property
     def multi_seed(self) -> bool:
         return (
             self.self_training
@@ -550,7 +558,6 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
     folds: list[list[Scores]] = []
     cpu = wall = 0.0
     selections = []
-    trains = ROWS[spec.model_row or spec.name].recipe == "tuned"
     for seed in settings.seeds_for(spec):
         options = spec.options(settings.options, seed)
         # A row on another row's model (self-training) uses that row's model and feature caches.
@@ -561,9 +568,11 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
             per_seed.append(_rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, options))
         cost = spent if spec.model_row else _seed_cost(workspace, spec.backbone, spent, trained_now)
         cpu, wall = cpu + cost["cpu"], wall + cost["wall"]
-        single = _Pipeline({spec.backbone: (workspace, spec.backbone)}, gallery, "equal", settings, trains)
-        validation.append(single.validation(options))
+        single = _Pipeline(
+            {spec.backbone: (workspace, spec.backbone)}, gallery, "equal", settings, spec.trains
+        )
         folds.append(single.fold_validation(options))
+        validation.append(folds[-1][0])  # fold 0, the protocol's own validation
         chosen = _validation_text(validation[-1]) if spec.model_row else None
         selections.append(f"seed {seed}: {chosen or _selection_text(workspace, spec.backbone)}")
         console.print(f"{spec.name} seed {seed}: {_scores_text(*per_seed[-1])}")
@@ -645,7 +654,6 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
     folds: list[list[Scores]] = []
     cpu = wall = 0.0
     chosen = []
-    trains = any(ROWS[member].recipe == "tuned" for member in spec.members)
     for seed in settings.seeds_for(spec):
         workspaces = {}
         for member in spec.members:
@@ -656,15 +664,15 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
                 member_spec.backbone,
             )
 
-        fusion = _Pipeline(workspaces, gallery, spec.weighting, settings, trains)
+        fusion = _Pipeline(workspaces, gallery, spec.weighting, settings, spec.trains)
         options = spec.options(settings.options, seed)
         with clock() as spent:
             per_seed.append(
                 _rank_and_score(fusion.sets(options, queries), fusion.weights(options), truth, options)
             )
         cpu, wall = cpu + spent["cpu"], wall + spent["wall"]
-        validation.append(fusion.validation(options))
         folds.append(fusion.fold_validation(options))
+        validation.append(folds[-1][0])
         tuned = fusion.tuning(options)
         weights_text = ", ".join(f"{m} {w:.2f}" for m, w in sorted(fusion.weights(options).items()))
         if spec.weighting == "folds":
@@ -709,6 +717,7 @@ class _Pipeline:
     trains: bool = False
     _tunings: dict[tuple[RetrievalOptions, int], TuneResult] = field(default_factory=dict)
     _folds: dict[RetrievalOptions, tuple[dict[str, float], float]] = field(default_factory=dict)
+    _lists: dict[int, ValidationSet] = field(default_factory=dict)  # each fold's, read once
 
     def sets(
         self, options: RetrievalOptions, queries: list[ImageRef]
@@ -775,7 +784,10 @@ class _Pipeline:
         }
 
     def _val(self, fold: int) -> ValidationSet:
-        return validation_set(next(iter(self._on_fold(fold).values()))[0], GROCERY_CATEGORY)
+        if fold not in self._lists:
+            workspace = next(iter(self._on_fold(fold).values()))[0]
+            self._lists[fold] = validation_set(workspace, GROCERY_CATEGORY)
+        return self._lists[fold]
 
     def _validation_sets(
         self, options: RetrievalOptions, fold: int
