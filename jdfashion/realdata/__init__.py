@@ -31,12 +31,10 @@ from jdfashion.realdata.rows import (
     RowKind,
     RowSpec,
     RunSettings,
-    fused_row,
-    histogram_row,
-    measure_step_times,
-    model_row,
     train_config,
 )
+from jdfashion.realdata.run import fused_row, histogram_row, model_row
+from jdfashion.realdata.steps import measure_step_times
 from jdfashion.realdata.table import RealDataReport, RowResult, StepTimes
 
 __all__ = ["ROWS", "Protocol", "RealDataReport", "RowResult", "StepTimes", "run_real_protocol"]
