@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from common import MIB, Column, isolated, machine_info, parse_args, write_results
 
+from jdfashion import search as search_module
 from jdfashion.fusion import fuse, fused_topk
-from jdfashion.search import candidate_dtype, topk
+from jdfashion.precision import RATE_PROBE_DIM, RATE_PROBE_ROWS, error_bound, product_rates
+from jdfashion.search import Member, topk
 
 WEIGHTS = {"densenet169": 0.1, "resnet101": 0.4, "resnet152": 0.3, "resnext101": 0.2}
 MODELS = tuple(sorted(WEIGHTS))
@@ -112,15 +115,53 @@ def outcome(started: float, preparing: float, top: np.ndarray) -> dict[str, Any]
     return {"seconds": seconds, "prepare": preparing, "search": seconds - preparing, "top": top}
 
 
+def timed(function: Callable[..., Any], log: list[dict[str, Any]], **recorded: Any) -> Callable[..., Any]:
+    """``function``, appending its seconds and ``recorded`` (name: how to read it from the arguments)."""
+
+    def wrapper(*args: Any) -> Any:
+        started = time.perf_counter()
+        result = function(*args)
+        entry = {name: read(args) for name, read in recorded.items()}
+        log.append({**entry, "seconds": time.perf_counter() - started})
+        return result
+
+    return wrapper
+
+
 def timed_fused_search(
     queries: dict[str, Any], gallery: dict[str, np.ndarray], k: int, precision: str = "auto"
 ) -> dict[str, Any]:
+    """The fused search, and where its time went: each candidate pass (precision, queries) and the
+    float64 re-scores, timed by wrapping the search module's two stages in this process."""
+    passes: list[dict[str, Any]] = []
+    rescores: list[dict[str, Any]] = []
+    search_module._candidates = timed(
+        search_module._candidates,
+        passes,
+        precision=lambda a: str(a[-1]).removeprefix("torch."),
+        queries=lambda a: len(a[1]),
+    )
+    search_module._exact_scores = timed(
+        search_module._exact_scores, rescores, pairs=lambda a: int(a[3].sum())
+    )
+    rates = product_rates(torch.device("cpu"), torch.get_num_threads())
     started = time.perf_counter()
-    return outcome(started, 0.0, fused_topk(queries, gallery, WEIGHTS, k, precision=precision)[1])
+    result = outcome(started, 0.0, fused_topk(queries, gallery, WEIGHTS, k, precision=precision)[1])
+    return {
+        **result,
+        "passes": passes,
+        "rescore_seconds": sum(entry["seconds"] for entry in rescores),
+        "rescored_pairs": sum(entry["pairs"] for entry in rescores),
+        "probe_gflops": {str(dtype).removeprefix("torch."): rate for dtype, rate in rates.items()},
+    }
 
 
 def run_jdfashion(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
     return timed_fused_search(*load_features(paths), size.k)
+
+
+def run_jdfashion_fp32(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
+    return timed_fused_search(*load_features(paths), size.k, precision="fp32")
 
 
 def run_jdfashion_bf16(size: SearchSize, paths: tuple[Path, Path]) -> dict[str, Any]:
@@ -241,9 +282,10 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
 VARIANTS = (
     (
         "jdfashion",
-        "jdfashion: fused_topk (fused in the chunk loop, {auto} candidates, fp64 re-score)",
+        "jdfashion: fused_topk, precision auto (fused in the chunk loop, fp64 re-score)",
         run_jdfashion,
     ),
+    ("fp32", "jdfashion: fused_topk with fp32 candidates forced", run_jdfashion_fp32),
     ("bf16", "jdfashion: fused_topk with bf16 candidates forced", run_jdfashion_bf16),
     ("concatenation", "jdfashion before: fuse (fp16 copy of the gallery) + search.topk", run_concatenation),
     ("numpy", "numpy: full fp32 score matrix per model + weighted sum + full argsort", run_numpy),
@@ -255,6 +297,49 @@ VARIANTS = (
     ),
     ("float64", "reference: numpy float64 fusion, full stable sort", run_float64),
 )
+
+
+def fused_score_spread(paths: tuple[Path, Path], queries: int = 50, gallery: int = 20_000) -> float:
+    """The standard deviation of the fused score over the first queries x gallery items: nearly all
+    unrelated pairs, the crowd a query's k-th score must stand clear of to be certified."""
+    query_features, gallery_features = load_features(paths)
+    fused = sum(
+        WEIGHTS[m] * unit_fp32(query_features[m][:queries]) @ unit_fp32(gallery_features[m][:gallery]).T
+        for m in MODELS
+    )
+    return float(np.std(fused))
+
+
+def where_time_went(outcomes: dict[str, Any], size: SearchSize, spread: float) -> list[str]:
+    """A note per jdfashion variant: its candidate passes (precision, queries, seconds) and re-scores,
+    and what ``auto`` measured and chose; then the certified windows that decide the choice."""
+    lines = []
+    for key in ("jdfashion", "fp32", "bf16", "views"):
+        result = outcomes[key][0]
+        passes = "; ".join(
+            f"{entry['precision']} pass over {entry['queries']} queries {entry['seconds']:.2f} s"
+            for entry in result["passes"]
+        )
+        lines.append(
+            f"Where the time went, {key}: {passes}; float64 re-score of {result['rescored_pairs']:,} pairs "
+            f"({result['rescored_pairs'] / size.queries:.1f} per query) {result['rescore_seconds']:.2f} s."
+        )
+    probe = outcomes["jdfashion"][0]["probe_gflops"]
+    first = outcomes["jdfashion"][0]["passes"][0]
+    members = [Member(np.empty((1, size.dim)), np.empty((1, size.dim)), w) for w in WEIGHTS.values()]
+    bounds = {str(t).removeprefix("torch."): error_bound(members, t) for t in (torch.float32, torch.bfloat16)}
+    lines.append(
+        "precision auto measured its products at "
+        + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in probe.items())
+        + f" ({RATE_PROBE_ROWS}x{RATE_PROBE_DIM} blocks); its first pass was {first['precision']} over "
+        f"{first['queries']} queries (a pilot, when bf16 measured faster). A pass certifies a query when "
+        "fewer than k + margin candidates score within 2 delta of its k-th; here delta = "
+        + ", ".join(f"{bound:.2g} ({name})" for name, bound in bounds.items())
+        + f"; the fused scores of unrelated pairs here have a standard deviation of {spread:.4f}, so the "
+        f"bf16 window (4 delta) spans {4 * bounds['bfloat16'] / spread:.1f} of them, the fp32 one "
+        f"{4 * bounds['float32'] / spread:.2f}."
+    )
+    return lines
 
 
 def main() -> None:
@@ -269,6 +354,7 @@ def main() -> None:
         started = time.perf_counter()
         paths = generate_features(size, Path(scratch))
         generation_seconds = time.perf_counter() - started
+        spread = fused_score_spread(paths)
         outcomes = {}
         for key, _, function in VARIANTS:
             print(f"running {key} ...", flush=True)
@@ -278,7 +364,7 @@ def main() -> None:
     peak = {dtype: max(rates_before[dtype], rates_after[dtype]) for dtype in rates_before}
     exact = outcomes["float64"][0]["top"]
     feature_mib = (size.queries + size.gallery) * size.dim * len(MODELS) * 2 / MIB
-    auto = str(candidate_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    best_rate = max(peak.values())
     rows = []
     for key, label, _ in VARIANTS:
         result, peak_rss = outcomes[key]
@@ -286,7 +372,7 @@ def main() -> None:
         rate = flops * (TTA_VIEWS if views else 1) / result["seconds"] / 1e9
         rows.append(
             {
-                "variant": label.format(faiss_k=size.faiss_k, auto=auto),
+                "variant": label.format(faiss_k=size.faiss_k),
                 "seconds": result["seconds"],
                 "prepare": result["prepare"],
                 "search": result["search"],
@@ -294,6 +380,7 @@ def main() -> None:
                 "gflops": rate,
                 "of_fp32": rate / peak["float32"],
                 "of_bf16": rate / peak["bfloat16"],
+                "of_best": rate / best_rate,
                 "peak_rss_mib": peak_rss,
                 "rss_vs_features": peak_rss / feature_mib,
                 "recall": None if views else recall_at_k(result["top"], exact),
@@ -309,6 +396,7 @@ def main() -> None:
         Column("gflops", "GFLOP/s", ".1f"),
         Column("of_fp32", "of fp32 matmul rate", ".0%"),
         Column("of_bf16", "of bf16 matmul rate", ".0%"),
+        Column("of_best", "of best matmul rate", ".0%"),
         Column("peak_rss_mib", "peak RSS MiB", ",.0f"),
         Column("rss_vs_features", "peak RSS / features", ".2f"),
         Column("recall", "recall@10 vs float64", ".4f"),
@@ -316,8 +404,9 @@ def main() -> None:
     notes = [
         f"torch matmul rates on this machine ({size.matmul_size}x{size.matmul_size} torch.mm, best of 3 in a "
         f"process of its own, before and after the variants, the higher used): fp32 {peak['float32']:.1f} "
-        f"GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s. `precision='auto'` chose {auto} candidates here "
-        "(bf16 only on CPUs with AVX512-BF16 or AMX).",
+        f"GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s; 'best matmul rate' is the higher, "
+        f"{best_rate:.1f} GFLOP/s.",
+        *where_time_went(outcomes, size, spread),
         f"Work per variant: {flops / 1e12:.2f} TFLOP (2*Q*G*D*M). Peak RSS includes the loaded fp16 features "
         f"({feature_mib:,.0f} MiB, the 'features' of the ratio column) and the interpreter with torch "
         "imported; each variant ran in a fresh process.",
@@ -358,7 +447,8 @@ def main() -> None:
             "generation_seconds": generation_seconds,
             "tta_views": TTA_VIEWS,
             "seconds_per_extra_angle": per_angle,
-            "auto_precision": auto,
+            "candidate_passes": {key: outcomes[key][0]["passes"] for key in ("jdfashion", "fp32", "bf16")},
+            "fused_score_spread": spread,
         },
     )
 

@@ -29,8 +29,7 @@ from jdfashion.model.mgpa import MGPA
 from jdfashion.paths import MODEL_CURVES
 from jdfashion.progress import ProgressLike
 from jdfashion.search import topk
-
-TOP_K = 10
+from jdfashion.submission import TOP_K
 
 
 @dataclass

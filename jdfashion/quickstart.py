@@ -17,11 +17,13 @@ from jdfashion.data.split import make_split
 from jdfashion.fusion import fusion_table
 from jdfashion.metrics import Scores, evaluate, scores_table
 from jdfashion.model.backbones import BACKBONE_PRESETS, DEFAULT_BACKBONE
-from jdfashion.pipeline import RetrievalOptions, Workspace, compare_postprocessing, submit, tune_fusion
+from jdfashion.options import RetrievalOptions
+from jdfashion.pipeline import compare_postprocessing, submit, tune_fusion
 from jdfashion.report import render_sheet
 from jdfashion.search import topk
 from jdfashion.submission import read_submission, submission_filename, validate_submission, write_submission
 from jdfashion.train import train
+from jdfashion.workspace import Workspace
 
 QUICK_BACKBONES = (DEFAULT_BACKBONE, "resnet18")
 ROUTER_BACKBONE = DEFAULT_BACKBONE

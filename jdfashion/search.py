@@ -10,26 +10,31 @@ chunk by chunk from each model's own cached rows, so no fused copy of the galler
 
 Two passes make it fast and exact:
 
-1. **Candidates**, in the fastest precision the device multiplies well (``precision="auto"``: fp16
-   on CUDA, bf16 on a CPU with native bf16 matrix units, i.e. AVX512-BF16 or AMX, fp32 elsewhere),
-   keep the best ``k + margin`` gallery items per query.
+1. **Candidates** keep the best ``k + margin`` gallery items per query. The members sit side by
+   side (a chunk of rows of every member's unit features, the queries' parts weighted), so a chunk
+   costs one product, fp32 sums inside it, in fp32 or a low precision (bf16 on a CPU, fp16 on CUDA).
 2. **Exact re-score** of those candidates in float64, ranked best first with equal scores ordered by
    the lower gallery index.
 
 The answer is certified per query: the pass's error on any pair is at most a bound ``delta`` derived
-from the precision's unit roundoff and the dimensions (:func:`error_bound`: rounding of the unit
-rows, fp32 accumulation, rounding of the output), so every true top-k item scores within
-``2 delta`` of the approximate k-th score; only that window is re-scored (for fp32 candidates
-usually k or k + 1 items). When the candidate list reaches below the window, nothing left out can
+from the precision's unit roundoff and the dimensions (:func:`jdfashion.precision.error_bound`:
+rounding of the unit rows, fp32 accumulation, rounding of the output), so every true top-k item
+scores within ``2 delta`` of the approximate k-th score; only that window is re-scored (for fp32
+candidates usually a few items past k). When the candidate list reaches below the window, nothing left out can
 enter the top-k, and the top-k equals a float64 search. Queries where it does not (more than
 ``margin`` near-ties) are searched again in the next precision (fp32, then float64, exact by
 construction). So the result never depends on the precision, the chunk sizes, or torch.topk's
 order among equal values.
 
+``precision="auto"`` weighs speed against that certificate (:mod:`jdfashion.precision`): where the
+device's low precision measures faster than fp32, a pilot of ``PILOT_QUERIES`` queries shows the
+share it certifies before the rest of the queries are searched.
+
 Beyond the features themselves, peak memory is about one gallery chunk of every member and view
-(``chunk_size`` rows, by default ``DEFAULT_CHUNK_ELEMENTS`` values: 134 MB in fp32, plus its copy in
-the candidate precision), the queries in fp32, and per query chunk (``query_chunk_size``) two score
-blocks and the running lists: with the defaults about 0.4 GB, whatever the gallery size.
+side by side (``chunk_size`` rows, by default ``DEFAULT_CHUNK_ELEMENTS`` values: 134 MB in fp32, half
+in bf16), reused chunk after chunk, the queries in the candidate precision, and per query chunk
+(``query_chunk_size``) two score blocks and the running lists: with the defaults about 0.3 GB,
+whatever the gallery size.
 
 Features may be fp16 or fp32, numpy (memory-mapped files too) or torch; every chunk is converted to
 unit rows on the compute device (a whole fp32 copy would double the memory).
@@ -42,39 +47,35 @@ products but never a (V, Q, G) matrix.
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from jdfashion.precision import (
+    NEXT_PRECISION,
+    auto_dtype,
+    candidate_dtype,
+    error_bound,
+    full_precision_matmuls,
+    product_rates,
+)
+
 Features = np.ndarray | torch.Tensor
+logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ELEMENTS = 8192 * 4096
 DEFAULT_QUERY_CHUNK_SIZE = 1024
 DEFAULT_MARGIN = 32
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-RESCORE_ROWS = 8192  # gathered candidate rows per re-score step (fp64: 268 MB at D = 4096)
+PILOT_QUERIES = 64  # queries a low-precision pilot searches before precision="auto" chooses
+RESCORE_ROWS = 256  # gathered rows per re-score step: 8 MB of fp64 at D = 4096, reused by malloc, where
+# 268 MB blocks (8192 rows) went back to the OS and faulted in again each step, 5x slower here
 BLOCK_ROWS = 8192  # rows a per-row transform (centring, mapping) holds in fp32 at a time
-UNIT_ROUNDOFF = {
-    torch.float64: 2.0**-53,
-    torch.float32: 2.0**-24,
-    torch.bfloat16: 2.0**-8,
-    torch.float16: 2.0**-11,
-}
-# The precision ladder: a query the candidate pass cannot certify is searched again one step up.
-NEXT_PRECISION = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.float32: torch.float64}
-# torch.backends.cuda.matmul flags that trade fp32 sums for speed; off while a CUDA search runs.
-CUDA_MATMUL_SHORTCUTS = (
-    "allow_tf32",
-    "allow_fp16_reduced_precision_reduction",
-    "allow_bf16_reduced_precision_reduction",
-)
+CONVERT_ROWS = 256  # rows of each member normalised at a time on a CPU: 4 MB of fp32 at D = 4096
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def unit_rows(
 ) -> torch.Tensor:
     """``features[rows]`` as unit rows (fp32 or fp64) on ``device``; a non-finite row is an error."""
     # Increasing row numbers without gaps (every ungrouped search) are read as a slice: no gather copy.
-    contiguous = len(rows) > 0 and int(rows[-1]) - int(rows[0]) + 1 == len(rows)
+    contiguous = len(rows) > 0 and bool((np.diff(rows) == 1).all())
     index = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
     if isinstance(features, torch.Tensor):
         selected = features[index if contiguous else torch.from_numpy(rows).to(features.device)]
@@ -192,86 +193,53 @@ def best_view(queries: Features, gallery: Features, prior: torch.Tensor | None =
     return torch.as_tensor(queries)[choice, torch.arange(queries.shape[1])]
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPUs where bf16 matrix products beat fp32 (elsewhere they are slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+RowScale = Callable[[np.ndarray], "float | torch.Tensor"]
 
 
-def candidate_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The candidate pass's precision: ``auto`` picks what the device multiplies fastest."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+@dataclass(frozen=True)
+class Walk:
+    """How a search walks the gallery and how many candidates a pass keeps past k; never what it
+    finds (module docstring)."""
+
+    chunk_size: int
+    query_chunk_size: int
+    device: torch.device
+    margin: int
 
 
-def error_bound(members: Sequence[Member], dtype: torch.dtype) -> float:
-    """An upper bound on |approximate - exact| fused score of any pair in a ``dtype`` pass.
-
-    Per member, with unit roundoffs u (``dtype``), u_n (the normalisation: fp32, or fp64 in a fp64
-    pass) and u_a (accumulation: fp32, or fp64): query rows carry relative error e_q <= 4 u_n + 2 u
-    (normalising, scaling by the weight, rounding to ``dtype``), gallery rows e_g <= 3 u_n + u, so by
-    Cauchy-Schwarz the product of unit rows is off by at most e_q + e_g + e_q e_g; summing D products
-    in any order adds gamma_D = D u_a / (1 - D u_a) (Higham, Accuracy and Stability, 3.1); the output
-    is rounded to ``dtype`` (u), and the members' scores are summed in u_a. 5 % on top for the
-    constants' own rounding.
-    """
-    u = UNIT_ROUNDOFF[dtype]
-    u_n = u_a = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
-    total = 0.0
-    for member in members:
-        dim = member.queries.shape[-1]
-        e_q, e_g = 4 * u_n + 2 * u, 3 * u_n + u
-        growth = (1 + e_q) * (1 + e_g)
-        gamma = dim * u_a / (1 - dim * u_a)
-        total += member.largest_weight * ((e_q + e_g + e_q * e_g) + gamma * growth + u * growth * (1 + gamma))
-    weights = sum(member.largest_weight for member in members)
-    return 1.05 * (total + len(members) * u_a * 1.1 * weights)
-
-
-@contextlib.contextmanager
-def _full_precision_matmuls(device: torch.device) -> Iterator[None]:
-    """No TF32 and no reduced-precision split-K sums on CUDA: the error bound assumes fp32 sums."""
-    if device.type != "cuda":
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    saved = {name: getattr(matmul, name) for name in CUDA_MATMUL_SHORTCUTS}
-    try:
-        for name in CUDA_MATMUL_SHORTCUTS:
-            setattr(matmul, name, False)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(matmul, name, value)
-
-
-def _rows_in(
-    features: Features,
+def _side_by_side(
+    parts: Sequence[tuple[Features, RowScale]],
     rows: np.ndarray,
     device: torch.device,
     what: str,
-    dtype: torch.dtype,
-    scale: float | torch.Tensor = 1.0,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """Unit rows (normalised in fp32, or fp64 for a fp64 pass), times ``scale`` (a number, or a column
-    per row), in ``dtype``."""
-    block = unit_rows(
-        features, rows, device, what, torch.float64 if dtype == torch.float64 else torch.float32
-    )
-    if isinstance(scale, torch.Tensor):
-        block.mul_(scale.to(device=device, dtype=block.dtype))
-    elif scale != 1.0:
-        block.mul_(scale)
-    return block.to(dtype)
+    """``rows`` of every member's features side by side in ``out[:len(rows)]``, (rows, sum D) in the
+    pass's dtype: each member's unit rows (normalised in fp32, or fp64 for a fp64 pass) times its
+    ``scale(rows)`` (a number, or a column per row). One product of two such blocks is the weighted
+    fused score of every pair.
+
+    ``out`` is reused chunk after chunk: a fresh 100 MB block costs more in page faults than the
+    conversion. On a CPU the rows are converted ``CONVERT_ROWS`` at a time, so the fp32 copy stays
+    in cache (converting a whole chunk at once took 5x as long on a 2-core AMD EPYC).
+    """
+    normalise = torch.float64 if out.dtype == torch.float64 else torch.float32
+    out = out[: len(rows)]
+    step = CONVERT_ROWS if device.type == "cpu" else max(1, len(rows))
+    for start in range(0, len(rows), step):
+        block_rows = rows[start : start + step]
+        column = 0
+        for features, scale in parts:
+            block = unit_rows(features, block_rows, device, what, normalise)
+            factor = scale(block_rows)
+            if isinstance(factor, torch.Tensor):
+                block.mul_(factor.to(device=device, dtype=normalise))
+            elif factor != 1.0:
+                block.mul_(factor)
+            dim = features.shape[-1]
+            out[start : start + len(block_rows), column : column + dim] = block
+            column += dim
+    return out
 
 
 def _candidates(
@@ -279,51 +247,53 @@ def _candidates(
     query_rows: np.ndarray,
     gallery_rows: np.ndarray,
     width: int,
-    chunk_size: int,
-    query_chunk_size: int,
-    device: torch.device,
+    walk: Walk,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``width`` best gallery rows per query by the ``dtype`` fused score: (Q, width) scores and rows."""
+    """The ``width`` best gallery rows per query by the ``dtype`` fused score: (Q, width) scores and rows.
+
+    Members sit side by side (:func:`_side_by_side`), the queries' parts weighted, so each pair of
+    views costs one product per gallery chunk, summed in fp32 inside it, and nothing is added
+    afterwards."""
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
-    query_starts = range(0, len(query_rows), query_chunk_size)
-    query_blocks = [  # [slot][member][view]
-        [
-            [
-                _rows_in(
-                    view,
-                    query_rows[start : start + query_chunk_size],
-                    device,
-                    "query",
-                    dtype,
-                    member.weight * member.scale_rows(number, query_rows[start : start + query_chunk_size]),
-                )
-                for number, view in enumerate(views(member.queries))
-            ]
-            for member in members
+    dim = sum(member.queries.shape[-1] for member in members)
+    chunk_size, query_chunk_size, device = walk.chunk_size, walk.query_chunk_size, walk.device
+
+    def block(count: int) -> torch.Tensor:
+        return torch.empty((count, dim), dtype=dtype, device=device)
+
+    def query_parts(view: int) -> list[tuple[Features, RowScale]]:
+        return [
+            (views(m.queries)[view], lambda rows, m=m: m.weight * m.scale_rows(view, rows)) for m in members
         ]
-        for start in query_starts
+
+    query_starts = range(0, len(query_rows), query_chunk_size)
+    query_blocks = [  # [slot][view]
+        [
+            _side_by_side(query_parts(view), rows, device, "query", block(len(rows)))
+            for view in range(len(views(members[0].queries)))
+        ]
+        for rows in (query_rows[start : start + query_chunk_size] for start in query_starts)
     ]
+    gallery_parts = [
+        [(views(m.gallery)[view], lambda _: 1.0) for m in members]
+        for view in range(len(views(members[0].gallery)))
+    ]
+    buffers = [block(min(chunk_size, len(gallery_rows))) for _ in gallery_parts]
     best_scores = [torch.empty((0,), device=device)] * len(query_starts)
     best_ids = [torch.empty((0,), dtype=torch.int64, device=device)] * len(query_starts)
     for start in range(0, len(gallery_rows), chunk_size):
         rows = gallery_rows[start : start + chunk_size]
-        blocks = [
-            [_rows_in(view, rows, device, "gallery", dtype) for view in views(m.gallery)] for m in members
+        gallery_blocks = [
+            _side_by_side(parts, rows, device, "gallery", buffer)
+            for parts, buffer in zip(gallery_parts, buffers, strict=True)
         ]
         block_ids = torch.from_numpy(rows).to(device)
-        for slot, member_blocks in enumerate(query_blocks):
+        for slot, queries in enumerate(query_blocks):
             scores = None
-            for gallery_view in range(len(blocks[0])):
-                for query_view in range(len(member_blocks[0])):
-                    fused = torch.zeros(
-                        (len(member_blocks[0][0]), len(rows)), dtype=accumulate, device=device
-                    )
-                    for queries, gallery in zip(member_blocks, blocks, strict=True):
-                        if dtype == accumulate:
-                            fused.addmm_(queries[query_view], gallery[gallery_view].T)
-                        else:  # a low-precision product, summed in fp32
-                            fused.add_(queries[query_view] @ gallery[gallery_view].T)
+            for gallery in gallery_blocks:
+                for query in queries:
+                    fused = (query @ gallery.T).to(accumulate)
                     scores = fused if scores is None else torch.maximum(scores, fused, out=scores)
             assert scores is not None
             # Running entries come first and hold lower gallery rows, so column order is row order.
@@ -344,13 +314,20 @@ def _exact_scores(
     counts: torch.Tensor,
     device: torch.device,
 ) -> torch.Tensor:
-    """float64 fused scores of each query's first ``counts`` candidates, (Q, width); -inf after them."""
+    """float64 fused scores of each query's first ``counts`` candidates, (Q, width); -inf after them.
+
+    Queries are taken in order of their counts, so each step gathers about as many rows as its
+    queries need rather than every query as many as the step's largest window."""
     out = torch.full(candidates.shape, -math.inf, dtype=torch.float64, device=device)
-    step = max(1, RESCORE_ROWS // max(1, int(counts.max())))
-    for start in range(0, len(query_rows), step):
-        rows = query_rows[start : start + step]
-        width = int(counts[start : start + step].max())
-        ids = candidates[start : start + step, :width].cpu().numpy().ravel()
+    order = np.argsort(-counts.cpu().numpy(), kind="stable")
+    start = 0
+    while start < len(order):
+        width = int(counts[int(order[start])])
+        positions = order[start : start + max(1, RESCORE_ROWS // max(1, width))]
+        start += len(positions)
+        rows = query_rows[positions]
+        taken = torch.from_numpy(positions).to(device)
+        ids = candidates[taken, :width].cpu().numpy().ravel()
         best = None
         for member in members:
             gathered = [
@@ -366,7 +343,7 @@ def _exact_scores(
             pairs = torch.stack([(g @ q.unsqueeze(2)).squeeze(2) for g in gathered for q in queries])
             best = member.weight * pairs if best is None else best.add_(pairs, alpha=member.weight)
         assert best is not None
-        out[start : start + len(rows), :width] = best.amax(dim=0)
+        out[taken, :width] = best.amax(dim=0)
     inside = torch.arange(candidates.shape[1], device=device) < counts.unsqueeze(1)
     return out.masked_fill_(~inside, -math.inf)
 
@@ -376,50 +353,83 @@ def _search(
     query_rows: np.ndarray,
     gallery_rows: np.ndarray,
     k: int,
-    chunk_size: int,
-    query_chunk_size: int,
-    device: torch.device,
+    walk: Walk,
     dtype: torch.dtype,
-    margin: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact fused top-k of ``gallery_rows`` for ``query_rows``.
+    climb: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact fused top-k of ``gallery_rows`` for ``query_rows``, and which queries the ``dtype`` pass
+    could not certify: searched again in the next precision, or with ``climb=False`` left as they are
+    (their rows not final) for the caller to search.
 
     With approximate scores a ~ s, |a - s| <= delta, the true top-k all have a >= a_k - 2 delta (a_k:
     the approximate k-th), so re-scoring that window of the candidate list in float64 finds them.
     It is certain when the list reaches below the window (its last score is under a_k - 2 delta, so
     every item left out is outside it too); otherwise the query is searched in the next precision.
     """
-    width = min(len(gallery_rows), k + margin)
-    with _full_precision_matmuls(device):
-        approximate, candidates = _candidates(
-            members, query_rows, gallery_rows, width, chunk_size, query_chunk_size, device, dtype
-        )
+    width = min(len(gallery_rows), k + walk.margin)
+    with full_precision_matmuls(walk.device):
+        approximate, candidates = _candidates(members, query_rows, gallery_rows, width, walk, dtype)
     approximate = approximate.to(torch.float64)
     threshold = approximate[:, k - 1] - 2 * error_bound(members, dtype)
     counts = (approximate >= threshold.unsqueeze(1)).sum(dim=1)  # a prefix: the list is sorted
-    exact = _exact_scores(members, query_rows, candidates, counts, device)
+    exact = _exact_scores(members, query_rows, candidates, counts, walk.device)
     # In gallery-row order, rank_rows's lower-column tie rule is the lower-gallery-row rule.
     by_row = torch.argsort(candidates, dim=1)
     exact, candidates = exact.gather(1, by_row), candidates.gather(1, by_row)
     scores, columns = rank_rows(exact, k)
     ids = candidates.gather(1, columns)
-    if width < len(gallery_rows) and dtype != torch.float64:
-        uncertain = (counts == width).cpu().numpy()
-        if uncertain.any():
-            again = _search(
-                members,
-                query_rows[uncertain],
-                gallery_rows,
-                k,
-                chunk_size,
-                query_chunk_size,
-                device,
-                NEXT_PRECISION[dtype],
-                margin,
-            )
-            scores[torch.from_numpy(uncertain)] = torch.from_numpy(again[0]).to(scores)
-            ids[torch.from_numpy(uncertain)] = torch.from_numpy(again[1]).to(ids)
-    return scores.cpu().numpy().astype(np.float32), ids.cpu().numpy().astype(np.int64, copy=False)
+    uncertain = (counts == width).cpu().numpy() & (width < len(gallery_rows))
+    if climb and uncertain.any() and dtype != torch.float64:
+        again = _search(members, query_rows[uncertain], gallery_rows, k, walk, NEXT_PRECISION[dtype])
+        scores[torch.from_numpy(uncertain)] = torch.from_numpy(again[0]).to(scores)
+        ids[torch.from_numpy(uncertain)] = torch.from_numpy(again[1]).to(ids)
+    return (
+        scores.cpu().numpy().astype(np.float32),
+        ids.cpu().numpy().astype(np.int64, copy=False),
+        uncertain,
+    )
+
+
+def _search_auto(
+    members: Sequence[Member],
+    query_rows: np.ndarray,
+    gallery_rows: np.ndarray,
+    k: int,
+    walk: Walk,
+    fast: torch.dtype,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_search` in the precision that ranks these features fastest.
+
+    A low precision multiplies faster but certifies only queries whose k-th score stands clear of
+    the rest by its error bound; on dense features (1000 random queries against 154k gallery items,
+    the search benchmark) it certifies none and every query is searched again in fp32. So ``fast``
+    (the faster by the measured rates) first searches ``PILOT_QUERIES`` queries spread over the list,
+    and the rest, with the pilot queries it could not certify, go to the precision
+    :func:`jdfashion.precision.auto_dtype` picks given the share it certified."""
+    if fast == torch.float32 or len(query_rows) <= 2 * PILOT_QUERIES:
+        return _search(members, query_rows, gallery_rows, k, walk, torch.float32)[:2]
+    pilot = np.zeros(len(query_rows), dtype=bool)
+    pilot[np.linspace(0, len(query_rows) - 1, PILOT_QUERIES).astype(int)] = True
+    pilot_scores, pilot_ids, uncertain = _search(
+        members, query_rows[pilot], gallery_rows, k, walk, fast, climb=False
+    )
+    dtype = auto_dtype(walk.device, 1.0 - uncertain.mean())
+    rates = product_rates(walk.device, torch.get_num_threads())
+    logger.info(
+        "precision auto: %s (products %s; the %s pilot certified %d of %d queries)",
+        str(dtype).removeprefix("torch."),
+        ", ".join(f"{str(t).removeprefix('torch.')} {rate:.0f} GFLOP/s" for t, rate in rates.items()),
+        str(fast).removeprefix("torch."),
+        int((~uncertain).sum()),
+        PILOT_QUERIES,
+    )
+    final = pilot.copy()  # the pilot queries it left uncertain join the rest's search
+    final[np.flatnonzero(pilot)[uncertain]] = False
+    scores = np.empty((len(query_rows), k), dtype=np.float32)
+    ids = np.empty((len(query_rows), k), dtype=np.int64)
+    scores[final], ids[final] = pilot_scores[~uncertain], pilot_ids[~uncertain]
+    scores[~final], ids[~final], _ = _search(members, query_rows[~final], gallery_rows, k, walk, dtype)
+    return scores, ids
 
 
 def topk(
@@ -502,9 +512,15 @@ def search(
     dtype = candidate_dtype(precision, device)
     if num_queries == 0:
         return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
-    settings = (chunk_size, query_chunk_size, device, dtype, margin)
+
+    def ranked(query_rows: np.ndarray, gallery_rows: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        walk = Walk(chunk_size, query_chunk_size, device, margin)
+        if precision == "auto":
+            return _search_auto(members, query_rows, gallery_rows, count, walk, dtype)
+        return _search(members, query_rows, gallery_rows, count, walk, dtype)[:2]
+
     if query_groups is None:
-        return _search(members, np.arange(num_queries), np.arange(gallery_size), k, *settings)
+        return ranked(np.arange(num_queries), np.arange(gallery_size), k)
     query_groups, gallery_groups = np.asarray(query_groups), np.asarray(gallery_groups)
     if query_groups.shape != (num_queries,) or gallery_groups.shape != (gallery_size,):
         raise ValueError("query_groups and gallery_groups need one label per query and per gallery item")
@@ -515,10 +531,9 @@ def search(
         inside = np.flatnonzero(gallery_groups == group)
         parts = []
         if len(inside):
-            parts.append(_search(members, query_rows, inside, min(k, len(inside)), *settings))
+            parts.append(ranked(query_rows, inside, min(k, len(inside))))
         if len(inside) < k:
-            outside = np.flatnonzero(gallery_groups != group)
-            parts.append(_search(members, query_rows, outside, k - len(inside), *settings))
+            parts.append(ranked(query_rows, np.flatnonzero(gallery_groups != group), k - len(inside)))
         scores[query_rows] = np.concatenate([part[0] for part in parts], axis=1)
         indices[query_rows] = np.concatenate([part[1] for part in parts], axis=1)
     return scores, indices

@@ -21,7 +21,7 @@ from pathlib import Path
 from jdfashion.atomic import atomic_write_text
 from jdfashion.data.jdformat import FormatError, url_problem
 
-TOP_K = 10
+TOP_K = 10  # results per query in a submission, and the k of rank-1 / mAP@10's lists: the one definition
 FORMAT_COMMENT = (
     "# format: each query (in q.txt) followed by its top-10 results in the reference dataset (s.txt)."
     ' Lines starting with "#" will be ignored. See examples below:'

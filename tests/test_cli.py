@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jdfashion.cli import main, training_summary
+from jdfashion.cli import main
+from jdfashion.cli.training import training_summary
 from jdfashion.data.jdformat import read_images, read_truth
 from jdfashion.metrics import evaluate
 from jdfashion.submission import read_submission, write_submission
@@ -162,8 +163,8 @@ def test_retrieval_flags_default_to_the_api_defaults() -> None:
     import dataclasses
     import inspect
 
-    from jdfashion.cli import fuse, retrieval_options
-    from jdfashion.pipeline import RetrievalOptions
+    from jdfashion.cli.retrieval import fuse, retrieval_options
+    from jdfashion.options import RetrievalOptions
 
     names = set(inspect.signature(retrieval_options).parameters)
     with fuse.make_context("fuse", []) as context:

@@ -23,7 +23,7 @@ from jdfashion.fusion import (
     tune_weights_from_relevance,
 )
 from jdfashion.metrics import evaluate
-from jdfashion.pipeline import RetrievalOptions
+from jdfashion.options import RetrievalOptions
 from jdfashion.search import Member, search, topk
 
 

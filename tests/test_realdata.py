@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from jdfashion import pipeline
+from jdfashion import ranking
 from jdfashion.data.images import url_to_path
 from jdfashion.data.jdformat import Box, ImageRef, read_images, read_pairs, read_truth
 from jdfashion.data.manifest import GROCERY_CATEGORY, GROCERY_TEST_CLASSES
 from jdfashion.features import FeatureExtractor
+from jdfashion.options import RetrievalOptions
 from jdfashion.paths import DataLayout
 from jdfashion.realdata import run_real_protocol
 from jdfashion.realdata.protocol import ROTATED_DIR, build_rotated_queries, fold_layouts
@@ -31,6 +32,7 @@ from jdfashion.realdata.rows import (
     TTA_ROWS,
     RunSettings,
 )
+from jdfashion.workspace import Workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 # One seed, one epoch at the smallest size that keeps 8x8 maps, 32 queries, 3 photos per training
@@ -275,9 +277,9 @@ def test_the_turn_classifier_learned_from_training_photos_finds_which_way_is_up(
     degree view of the same photos turned by 90."""
     out = micro_run[0]
     model_dir, photos, turned = turned_query_photos(out, tmp_path, angle=90, step=2)
-    workspace = pipeline.Workspace.at(out / "data", out / "weights" / "lite0-frozen-global" / "seed0", "cpu")
+    workspace = Workspace.at(out / "data", out / "weights" / "lite0-frozen-global" / "seed0", "cpu")
     views = (0.0, 90.0, -90.0)
-    options = pipeline.RetrievalOptions(rotations=views, num_workers=0, show_progress=False)
+    options = RetrievalOptions(rotations=views, num_workers=0, show_progress=False)
     classifier = workspace.turn_classifier(GROCERY_CATEGORY, "efficientnet_lite0", options)
     for refs, upright in ((photos, 0.0), (turned, -90.0)):
         features = FeatureExtractor(model_dir, device="cpu", rotations=views)(refs, tmp_path).features
@@ -287,7 +289,7 @@ def test_the_turn_classifier_learned_from_training_photos_finds_which_way_is_up(
 
 def test_deskew_columns_are_measured_on_the_deskew_rows_only() -> None:
     settings = RunSettings(
-        Path("out"), (0,), None, None, smoke=False, options=pipeline.RetrievalOptions(), rotation=True
+        Path("out"), (0,), None, None, smoke=False, options=RetrievalOptions(), rotation=True
     )
     for name in DEFAULT_ROWS:
         deskewed = [variant for variant in settings.variants(ROWS[name]) if variant.deskew]
@@ -330,13 +332,13 @@ def test_rows_on_one_model_learn_each_self_trained_map_once(
     copy = tmp_path / "real"
     shutil.copytree(out, copy)
     learned = []
-    learn = pipeline.learn_part_map
+    learn = ranking.learn_part_map
 
     def counting(*args: object, **kwargs: object) -> torch.Tensor:
         learned.append(args[0])
         return learn(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "learn_part_map", counting)
+    monkeypatch.setattr(ranking, "learn_part_map", counting)
     names = [f"{SHORT}-selftrained-global", f"{SHORT}-selftrained-global-transductive"]
     report = run_real_protocol(grocery, copy, rows=names, time_steps=False, **MICRO)
     assert len(learned) == 4 + 2 * len(fold_layouts(copy / "data")) == 10

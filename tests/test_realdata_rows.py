@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jdfashion.model.backbones import BACKBONE_PRESETS, PACKAGED_BACKBONES
-from jdfashion.pipeline import RetrievalOptions
+from jdfashion.options import RetrievalOptions
 from jdfashion.realdata.protocol import Protocol
 from jdfashion.realdata.rows import DEFAULT_ROWS, ENSEMBLE, ROWS, SHORT_NAMES, RunSettings
 from jdfashion.realdata.table import RealDataReport, RowResult

@@ -8,7 +8,8 @@ import torch
 
 from jdfashion.features import FeatureSet
 from jdfashion.metrics import evaluate
-from jdfashion.pipeline import RetrievalOptions, ranked_lists
+from jdfashion.options import RetrievalOptions
+from jdfashion.ranking import ranked_lists
 from jdfashion.rerank import database_augmentation, domain_centring, k_reciprocal_rerank, query_expansion
 from jdfashion.search import topk
 

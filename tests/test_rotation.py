@@ -13,7 +13,7 @@ import torch
 from jdfashion.data.jdformat import read_images
 from jdfashion.data.loader import eval_transform
 from jdfashion.fusion import fuse, tune_weights_from_relevance
-from jdfashion.pipeline import ROTATION_TTA, RetrievalOptions, parse_rotations
+from jdfashion.options import ROTATION_TTA, RetrievalOptions, parse_rotations
 from jdfashion.search import best_view, topk
 from jdfashion.submission import validate_submission
 

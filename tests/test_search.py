@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from jdfashion import precision as precision_module
 from jdfashion import search as search_module
 from jdfashion.fusion import fuse, fused_topk
-from jdfashion.search import Member, candidate_dtype, search, topk
+from jdfashion.precision import candidate_dtype
+from jdfashion.search import Member, search, topk
 
 
 def half_sign_vectors(rng: np.random.Generator, count: int, dim: int = 16) -> np.ndarray:
@@ -151,15 +153,15 @@ def fused_brute_force(members: list[Member], k: int) -> tuple[np.ndarray, np.nda
     return np.take_along_axis(scores, order, axis=1), order
 
 
-def near_tie_members(rng: np.random.Generator, spread: float) -> list[Member]:
+def near_tie_members(rng: np.random.Generator, spread: float, queries: int = 7) -> list[Member]:
     """Three models whose gallery items all sit within ``spread`` of one direction: every query's
     fused scores differ by far less than bf16 or fp16 can resolve."""
     members = []
     for dim, weight in ((24, 0.5), (40, 0.3), (16, 0.2)):
         direction = rng.normal(size=dim)
         gallery = direction + spread * rng.normal(size=(300, dim))
-        queries = direction + 0.5 * rng.normal(size=(7, dim))
-        members.append(Member(queries.astype(np.float32), gallery.astype(np.float32), weight))
+        rows = direction + 0.5 * rng.normal(size=(queries, dim))
+        members.append(Member(rows.astype(np.float32), gallery.astype(np.float32), weight))
     return members
 
 
@@ -196,7 +198,7 @@ def test_candidates_in_low_precision_still_give_the_float64_top_k_on_near_ties(
     _, indices = search(members, 10, chunk_size=32, precision=precision, margin=margin)
     np.testing.assert_array_equal(indices, expected)
     # Scores this close cannot be certified from a low-precision pass: the ladder went up to float64.
-    assert passes[0] == search_module.candidate_dtype(precision, torch.device("cpu"))
+    assert passes[0] == precision_module.candidate_dtype(precision, torch.device("cpu"))
     assert passes[-1] == torch.float64
 
 
@@ -221,21 +223,76 @@ def test_the_error_bound_bounds_every_pair(dtype: torch.dtype) -> None:
     ]
     cpu = torch.device("cpu")
     approximate, rows = search_module._candidates(
-        members, np.arange(40), np.arange(500), 500, 128, 16, cpu, dtype
+        members, np.arange(40), np.arange(500), 500, search_module.Walk(128, 16, cpu, 0), dtype
     )
     exact = search_module._exact_scores(members, np.arange(40), rows, torch.full((40,), 500), cpu)
     error = (approximate.double() - exact).abs().max().item()
-    bound = search_module.error_bound(members, dtype)
+    bound = precision_module.error_bound(members, dtype)
     assert 0 < error <= bound
     assert bound < {torch.bfloat16: 0.02, torch.float16: 0.003, torch.float32: 1e-4}[dtype]
 
 
-def test_auto_precision_follows_the_device() -> None:
-    bf16 = search_module.cpu_has_native_bf16()
-    assert candidate_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if bf16 else torch.float32)
-    assert candidate_dtype("auto", torch.device("cuda")) == torch.float16
+@pytest.mark.parametrize(
+    ("rates", "certified_share", "expected"),
+    [
+        ({torch.float32: 200.0, torch.bfloat16: 800.0}, 1.0, torch.bfloat16),  # AMD EPYC, AVX512-BF16
+        ({torch.float32: 200.0, torch.bfloat16: 800.0}, 0.6, torch.bfloat16),  # 0.25 + 0.4 re-searched
+        ({torch.float32: 200.0, torch.bfloat16: 800.0}, 0.4, torch.float32),  # 0.25 + 0.6 > 0.8
+        ({torch.float32: 200.0, torch.bfloat16: 800.0}, 0.0, torch.float32),  # nothing certified
+        ({torch.float32: 165.0, torch.bfloat16: 48.0}, 1.0, torch.float32),  # Intel Xeon, no bf16 units
+        ({torch.float32: 19_000.0, torch.float16: 60_000.0}, 1.0, torch.float16),  # a GPU
+    ],
+)
+def test_auto_takes_the_search_the_measured_rates_make_faster(
+    rates: dict[torch.dtype, float], certified_share: float, expected: torch.dtype
+) -> None:
+    assert precision_module.choose_precision(rates, certified_share) == expected
+
+
+def test_auto_measures_the_product_rates_once_per_device_and_thread_count() -> None:
+    rates = precision_module.product_rates(torch.device("cpu"), torch.get_num_threads())
+    assert set(rates) == {torch.float32, torch.bfloat16}
+    assert all(rate > 0 for rate in rates.values())
+    assert precision_module.product_rates(torch.device("cpu"), torch.get_num_threads()) is rates
+    assert candidate_dtype("auto", torch.device("cpu")) == precision_module.choose_precision(rates)
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16"):
         candidate_dtype("int8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("separated", [True, False])
+def test_auto_pilots_the_low_precision_and_keeps_it_only_where_it_certifies(
+    separated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With bf16 reported 4x faster, 64 pilot queries go through bf16; the other 136 follow in bf16
+    where the pilot certified them all (well separated scores) and in fp32 where it certified none
+    (near ties, which the ladder then settles in float64). Either way the float64 top-k."""
+    rng = np.random.default_rng(9)
+    if separated:
+        gallery = rng.normal(size=(400, 64)).astype(np.float32)
+        members = [Member(gallery[:200] + 0.05 * rng.normal(size=(200, 64)).astype(np.float32), gallery)]
+    else:
+        members = near_tie_members(rng, spread=1e-4, queries=200)
+    monkeypatch.setattr(
+        precision_module, "product_rates", lambda *_: {torch.float32: 200.0, torch.bfloat16: 800.0}
+    )
+    passes: list[tuple[torch.dtype, int]] = []
+    candidates = search_module._candidates
+    monkeypatch.setattr(
+        search_module, "_candidates", lambda *a: passes.append((a[-1], len(a[1]))) or candidates(*a)
+    )
+    _, indices = search(members, 10, precision="auto")
+    np.testing.assert_array_equal(indices, fused_brute_force(members, 10)[1])
+    assert passes[0] == (torch.bfloat16, search_module.PILOT_QUERIES)
+    # The pilot queries it could not certify join the other 136 rather than cost a pass of their own.
+    expected = (torch.bfloat16, 200 - search_module.PILOT_QUERIES) if separated else (torch.float32, 200)
+    assert passes[1] == expected
+
+
+def test_row_numbers_in_any_order_are_read_in_that_order() -> None:
+    """A permutation of a contiguous range is not a slice: candidate ids come in score order."""
+    features = np.eye(4, dtype=np.float32) * np.arange(1, 5, dtype=np.float32)[:, None]
+    rows = search_module.unit_rows(features, np.array([0, 2, 1, 3]), torch.device("cpu"), "gallery")
+    np.testing.assert_array_equal(rows.numpy(), np.eye(4, dtype=np.float32)[[0, 2, 1, 3]])
 
 
 def test_fused_topk_ranks_like_a_search_over_the_concatenation() -> None:
@@ -254,7 +311,7 @@ def test_fused_topk_ranks_like_a_search_over_the_concatenation() -> None:
 def test_cuda_searches_switch_off_tf32_and_reduced_precision_sums_then_restore_them() -> None:
     """The error bound assumes fp32 sums; the flags are process-wide, so they must come back."""
     matmul = torch.backends.cuda.matmul
-    names = search_module.CUDA_MATMUL_SHORTCUTS
+    names = precision_module.CUDA_MATMUL_SHORTCUTS
     assert "allow_tf32" in names and all(hasattr(matmul, name) for name in names)
     saved = {name: getattr(matmul, name) for name in names}
     try:
@@ -262,12 +319,12 @@ def test_cuda_searches_switch_off_tf32_and_reduced_precision_sums_then_restore_t
             setattr(matmul, name, True)
         with (
             pytest.raises(RuntimeError, match="inside"),
-            search_module._full_precision_matmuls(torch.device("cuda")),
+            precision_module.full_precision_matmuls(torch.device("cuda")),
         ):
             assert not any(getattr(matmul, name) for name in names)
             raise RuntimeError("inside")
         assert all(getattr(matmul, name) for name in names)
-        with search_module._full_precision_matmuls(torch.device("cpu")):
+        with precision_module.full_precision_matmuls(torch.device("cpu")):
             assert all(getattr(matmul, name) for name in names)
     finally:
         for name, value in saved.items():

@@ -9,17 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jdfashion import pipeline
+from jdfashion import ranking
 from jdfashion.data.jdformat import Box, Category, ImageRef
 from jdfashion.features import FeatureSet
-from jdfashion.pipeline import (
-    RetrievalOptions,
-    ValidationSet,
-    Workspace,
-    ranked_lists,
-    self_trained,
-    tune_on_validation,
-)
+from jdfashion.options import RetrievalOptions
+from jdfashion.pipeline import tune_on_validation
+from jdfashion.ranking import ranked_lists, self_trained
 from jdfashion.search import topk
 from jdfashion.selftrain import (
     SelfTraining,
@@ -28,6 +23,7 @@ from jdfashion.selftrain import (
     confident_queries,
     learn_part_map,
 )
+from jdfashion.workspace import ValidationSet, Workspace
 
 PARTS, DIM = 2, 24
 FAST = SelfTraining(lr=1e-2)  # the synthetic nuisance is larger than a real one: a larger step
@@ -194,7 +190,7 @@ def test_a_run_learns_each_map_once_on_its_own_device(tmp_path, monkeypatch: pyt
         devices.append(args[-1])
         return torch.eye(anchors.shape[-1])  # the identity: torch's optimiser would look for the GPU
 
-    monkeypatch.setattr(pipeline, "learn_part_map", recording)
+    monkeypatch.setattr(ranking, "learn_part_map", recording)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     workspace = Workspace.at(tmp_path / "data", tmp_path / "weights")

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from jdfashion.data.jdformat import Category
-from jdfashion.pipeline import RetrievalOptions, Workspace, extract_validation
+from jdfashion.options import RetrievalOptions
 from jdfashion.search import best_view
 from jdfashion.upright import fit_turn_classifier, training_turns
+from jdfashion.workspace import Workspace, extract_validation
 
 QUARTER_VIEWS = (0.0, 90.0, -90.0)
 

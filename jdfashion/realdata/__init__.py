@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from jdfashion.atomic import atomic_write_text
-from jdfashion.pipeline import RetrievalOptions, RotationSide
+from jdfashion.options import RetrievalOptions, RotationSide
 from jdfashion.realdata.protocol import Protocol, build_protocol, build_rotated_queries
 from jdfashion.realdata.rows import (
     DEFAULT_ROWS,

@@ -18,17 +18,13 @@ from jdfashion.data.jdformat import ImageRef, read_images, read_truth
 from jdfashion.data.manifest import GROCERY_CATEGORY
 from jdfashion.fusion import ScoreNormalisation
 from jdfashion.model.backbones import BACKBONE_PRESETS, DEFAULT_BACKBONE, PACKAGED_BACKBONES
+from jdfashion.options import ROTATION_TTA, RetrievalOptions, RotationSide
 from jdfashion.paths import (
     DataLayout,
 )
-from jdfashion.pipeline import (
-    ROTATION_TTA,
-    RetrievalOptions,
-    RotationSide,
-    Workspace,
-)
 from jdfashion.realdata.protocol import ROTATED_DIR, fold_layouts
 from jdfashion.selftrain import SelfTraining
+from jdfashion.workspace import Workspace
 
 RowKind = Literal["histogram", "model", "fused"]
 Recipe = Literal["frozen", "tuned"]

@@ -26,6 +26,7 @@ from jdfashion.data.manifest import GROCERY_CATEGORY
 from jdfashion.features import FeatureSet
 from jdfashion.fusion import TuneResult
 from jdfashion.metrics import Scores, evaluate
+from jdfashion.options import RetrievalOptions
 from jdfashion.paths import (
     MODEL_CONFIG,
     MODEL_METRICS,
@@ -34,20 +35,14 @@ from jdfashion.paths import (
     DataLayout,
     WeightsLayout,
 )
-from jdfashion.pipeline import (
-    TOP_K,
-    RetrievalOptions,
-    ValidationSet,
-    Workspace,
-    ranked_lists,
-    tune_on_validation,
-    validation_features,
-    validation_set,
-)
+from jdfashion.pipeline import tune_on_validation
+from jdfashion.ranking import ranked_lists
 from jdfashion.realdata.rows import ROWS, QueryVariant, RowSpec, RunSettings, Weighting, train_config
 from jdfashion.realdata.table import RowResult
 from jdfashion.search import topk
+from jdfashion.submission import TOP_K
 from jdfashion.train import resolved, train
+from jdfashion.workspace import ValidationSet, Workspace, validation_features, validation_set
 
 TIMING_FILE = "timing.json"
 SEED_COST_FILE = "seed-cost.json"
