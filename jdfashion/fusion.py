@@ -22,7 +22,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,13 +30,13 @@ from rich.table import Table
 from scipy.optimize import differential_evolution
 
 from jdfashion.atomic import atomic_write_text
+from jdfashion.blocks import is_half
 from jdfashion.data.jdformat import Category
 from jdfashion.metrics import ApNorm, average_precision, rank1, truth_matrix
-from jdfashion.search import Features, Member, is_half, rank_rows, scale_column, search, unit_rows, views
+from jdfashion.options import SCORE_NORMALISATIONS, ScoreNormalisation
+from jdfashion.search import Features, Member, rank_rows, scale_column, search, unit_rows, views
 
 DEFAULT = "*"
-ScoreNormalisation = Literal["none", "zscore", "minmax"]
-SCORE_NORMALISATIONS: tuple[ScoreNormalisation, ...] = ("none", "zscore", "minmax")
 FORMAT = "jdfashion-fusion-weights"
 FORMAT_VERSION = 1
 ROW_CHUNK = 8192

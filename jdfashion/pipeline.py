@@ -33,7 +33,7 @@ from jdfashion.workspace import (
     Workspace,
     assign_test,
     extract_test,
-    validation_features,
+    validation_as_ranked,
     validation_set,
 )
 
@@ -51,7 +51,7 @@ def tune_fusion(
     results: dict[Category, TuneResult] = {}
     for category in categories:
         sets = {
-            backbone: validation_features(workspace, backbone, category, options)
+            backbone: validation_as_ranked(workspace, backbone, category, options)
             for backbone in workspace.backbones(category, backbones)
         }
         results[category] = tune_on_validation(sets, validation_set(workspace, category), options)
@@ -92,7 +92,7 @@ def evaluate_validation(
     for category in categories:
         val = validation_set(workspace, category)
         category_weights = weights_for(workspace, weights, category)
-        sets = {b: validation_features(workspace, b, category, options) for b in category_weights}
+        sets = {b: validation_as_ranked(workspace, b, category, options) for b in category_weights}
         run.update(
             ranked_lists(
                 {b: s[0] for b, s in sets.items()},
@@ -190,7 +190,9 @@ def submit(
         category_weights = weights_for(workspace, weights, routed)
         if gallery:
             sets = {
-                b: workspace.self_trained(extract_test(workspace, b, routed, assignment, options), options)
+                b: workspace.self_trained_once(
+                    extract_test(workspace, b, routed, assignment, options), options
+                )
                 for b in category_weights
             }
             ranked.update(

@@ -15,15 +15,18 @@ import contextlib
 import functools
 import math
 import time
+import typing
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from jdfashion.options import SearchPrecision
+
 if TYPE_CHECKING:
     from jdfashion.search import Member
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS: tuple[SearchPrecision, ...] = typing.get_args(SearchPrecision)
 # precision="auto": the product rates are measured on RATE_PROBE_ROWS x RATE_PROBE_DIM blocks; a
 # low precision is taken when its search is estimated at most AUTO_GAIN of the fp32 one, after a
 # pilot (jdfashion.search.PILOT_QUERIES queries) showed the share its pass certifies.

@@ -43,7 +43,7 @@ def _reranked(
     if options.k_reciprocal:
         distances, indices = k_reciprocal_rerank(best_view(queries, gallery), gallery, top=k)
         return -distances, indices
-    return topk(queries, gallery, k)
+    return topk(queries, gallery, k, precision=options.search_precision)
 
 
 def searched_sides(
@@ -90,7 +90,14 @@ def _ranking(
     query_features, gallery_features = searched_sides(query_sets, gallery_sets, models, options)
     if not options.reranks:
         scales = model_query_scales(query_features, gallery_features, options) if len(models) > 1 else None
-        return fused_topk(query_features, gallery_features, weights, k, query_scales=scales)
+        return fused_topk(
+            query_features,
+            gallery_features,
+            weights,
+            k,
+            query_scales=scales,
+            precision=options.search_precision,
+        )
     return _reranked(fuse(query_features, weights), fuse(gallery_features, weights), options, k)
 
 

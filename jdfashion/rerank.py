@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from jdfashion.search import Features, map_rows, rank_rows, row_blocks, topk, unit_rows, views
+from jdfashion.blocks import map_rows, row_blocks
+from jdfashion.search import Features, rank_rows, topk, unit_rows, views
 
 CPU = torch.device("cpu")
 NODE_BATCH = 8192

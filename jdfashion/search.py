@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,6 @@ DEFAULT_MARGIN = 32
 PILOT_QUERIES = 64  # queries a low-precision pilot searches before precision="auto" chooses
 RESCORE_ROWS = 256  # gathered rows per re-score step: 8 MB of fp64 at D = 4096, reused by malloc, where
 # 268 MB blocks (8192 rows) went back to the OS and faulted in again each step, 5x slower here
-BLOCK_ROWS = 8192  # rows a per-row transform (centring, mapping) holds in fp32 at a time
 CONVERT_ROWS = 256  # rows of each member normalised at a time on a CPU: 4 MB of fp32 at D = 4096
 
 
@@ -128,10 +127,6 @@ def rank_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return values.gather(1, by_value), columns.gather(1, by_value)
 
 
-def is_half(features: Features) -> bool:
-    return features.dtype == (torch.float16 if isinstance(features, torch.Tensor) else np.float16)
-
-
 def unit_rows(
     features: Features, rows: np.ndarray, device: torch.device, what: str, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -159,25 +154,6 @@ def unit_rows(
 def views(features: Features) -> list[Features]:
     """The views of (N, D) or (V, N, D) features, each (N, D)."""
     return [features] if features.ndim == 2 else [features[view] for view in range(features.shape[0])]
-
-
-def row_blocks(count: int) -> Iterator[np.ndarray]:
-    """Consecutive blocks of at most ``BLOCK_ROWS`` row numbers covering ``range(count)``."""
-    for start in range(0, count, BLOCK_ROWS):
-        yield np.arange(start, min(start + BLOCK_ROWS, count))
-
-
-def map_rows(features: Features, transform: Callable[[Features, np.ndarray], torch.Tensor]) -> torch.Tensor:
-    """New features, ``transform(view, rows)`` block by block for each view of (N, D) or (V, N, D) ones.
-
-    fp16 stays fp16, else fp32, and only a block is ever in fp32: a 154k-row fp16 gallery is never
-    copied whole at double the size."""
-    out = torch.empty(tuple(features.shape), dtype=torch.float16 if is_half(features) else torch.float32)
-    for number, view in enumerate(views(features)):
-        target = out[number] if features.ndim == 3 else out
-        for rows in row_blocks(len(view)):
-            target[int(rows[0]) : int(rows[-1]) + 1] = transform(view, rows).to(out.dtype)
-    return out
 
 
 def best_view(queries: Features, gallery: Features, prior: torch.Tensor | None = None) -> Features:
@@ -448,8 +424,6 @@ def search(
     *,
     chunk_size: int | None = None,
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
-    query_groups: np.ndarray | None = None,
-    gallery_groups: np.ndarray | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
     margin: int = DEFAULT_MARGIN,
@@ -461,10 +435,8 @@ def search(
     to ``DEFAULT_CHUNK_ELEMENTS`` values over every member and view; ``precision`` and ``margin`` set
     the candidate pass (module docstring), never the result.
 
-    With ``query_groups`` / ``gallery_groups`` (e.g. predicted categories) a query ranks only the
-    gallery items of its own group, searched group by group so other groups cost nothing. When its
-    group has fewer than ``k`` items, the remaining places go to the best items of the other groups,
-    after all of its own group's items: a submission needs exactly ``k`` distinct ids.
+    Routing test images to categories is the caller's (:func:`jdfashion.pipeline.submit` searches each
+    category's gallery and fills short lists by the router's likelihoods, one policy).
     """
     if not members:
         raise ValueError("a search needs at least one member")
@@ -504,36 +476,12 @@ def search(
         raise ValueError("chunk sizes must be >= 1")
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    if (query_groups is None) != (gallery_groups is None):
-        raise ValueError("give both query_groups and gallery_groups, or neither")
     if device is None:
         device = first.gallery.device if isinstance(first.gallery, torch.Tensor) else "cpu"
     device = torch.device(device)
     dtype = candidate_dtype(precision, device)
     if num_queries == 0:
         return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
-
-    def ranked(query_rows: np.ndarray, gallery_rows: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        walk = Walk(chunk_size, query_chunk_size, device, margin)
-        if precision == "auto":
-            return _search_auto(members, query_rows, gallery_rows, count, walk, dtype)
-        return _search(members, query_rows, gallery_rows, count, walk, dtype)[:2]
-
-    if query_groups is None:
-        return ranked(np.arange(num_queries), np.arange(gallery_size), k)
-    query_groups, gallery_groups = np.asarray(query_groups), np.asarray(gallery_groups)
-    if query_groups.shape != (num_queries,) or gallery_groups.shape != (gallery_size,):
-        raise ValueError("query_groups and gallery_groups need one label per query and per gallery item")
-    scores = np.empty((num_queries, k), dtype=np.float32)
-    indices = np.empty((num_queries, k), dtype=np.int64)
-    for group in np.unique(query_groups):
-        query_rows = np.flatnonzero(query_groups == group)
-        inside = np.flatnonzero(gallery_groups == group)
-        parts = []
-        if len(inside):
-            parts.append(ranked(query_rows, inside, min(k, len(inside))))
-        if len(inside) < k:
-            parts.append(ranked(query_rows, np.flatnonzero(gallery_groups != group), k - len(inside)))
-        scores[query_rows] = np.concatenate([part[0] for part in parts], axis=1)
-        indices[query_rows] = np.concatenate([part[1] for part in parts], axis=1)
-    return scores, indices
+    walk = Walk(chunk_size, query_chunk_size, device, margin)
+    rows = (members, np.arange(num_queries), np.arange(gallery_size), k, walk, dtype)
+    return _search_auto(*rows) if precision == "auto" else _search(*rows)[:2]

@@ -16,36 +16,14 @@ items), so a step costs the same whether the gallery holds 81 images or 154k.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jdfashion.search import Features, map_rows
-
-
-@dataclass(frozen=True, kw_only=True)
-class SelfTraining:
-    """The settings measured on the Grocery protocol (docs/REALDATA-HISTORY.md, 'Training on the searched
-    photos')."""
-
-    keep: float = 0.6  # the share of queries, most confident first, used as labelled anchors
-    steps: int = 100
-    batch_size: int = 256
-    lr: float = 1e-4
-    scale: float = 30.0  # softmax temperature on cosines
-    negatives: int = 32  # each anchor's top gallery items that compete in its softmax
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.keep <= 1:
-            raise ValueError(f"self-training keep must be in (0, 1], got {self.keep}")
-        if min(self.steps, self.batch_size, self.negatives) < 1 or self.lr <= 0 or self.scale <= 0:
-            raise ValueError(
-                "self-training needs steps, batch_size, negatives >= 1 and lr, scale > 0, got "
-                f"{self.steps}, {self.batch_size}, {self.negatives}, {self.lr}, {self.scale}"
-            )
+from jdfashion.blocks import map_rows
+from jdfashion.options import SelfTraining
+from jdfashion.search import Features
 
 
 def confident_queries(scores: np.ndarray, keep: float) -> np.ndarray:

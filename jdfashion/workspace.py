@@ -67,7 +67,7 @@ class Workspace:
             return self.device
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
-    def self_trained(
+    def self_trained_once(
         self, pair: tuple[FeatureSet, FeatureSet], options: RetrievalOptions, key: Hashable | None = None
     ) -> tuple[FeatureSet, FeatureSet]:
         """One model's (query, gallery) through its self-trained map (:func:`self_trained`) on this
@@ -308,13 +308,13 @@ def extract_validation(
     return workspace.pair_features(category, backbone, val.queries, val.gallery, options, name)
 
 
-def validation_features(
+def validation_as_ranked(
     workspace: Workspace, backbone: str, category: Category, options: RetrievalOptions
 ) -> tuple[FeatureSet, FeatureSet]:
     """One model's validation features as ``options`` rank them: extracted (or cached), then, with
     self-training, mapped by the run's one map for this model and options."""
     pair = extract_validation(workspace, backbone, category, options)
-    return workspace.self_trained(pair, options, key=("val", category.label, backbone))
+    return workspace.self_trained_once(pair, options, key=("val", category.label, backbone))
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -161,18 +162,45 @@ def test_full_chain_through_the_cli(demo_data: Path, tmp_path: Path) -> None:
 def test_retrieval_flags_default_to_the_api_defaults() -> None:
     """A notebook's RetrievalOptions() and a command run without flags rank the same way."""
     import dataclasses
-    import inspect
 
     from jdfashion.cli.retrieval import fuse, retrieval_options
     from jdfashion.options import RetrievalOptions
+    from jdfashion.settings import option_names
 
-    names = set(inspect.signature(retrieval_options).parameters)
+    names = set(option_names(RetrievalOptions))
     with fuse.make_context("fuse", []) as context:
         defaults = {name: value for name, value in context.params.items() if name in names}
     assert set(defaults) == names
-    options = retrieval_options(**defaults)
-    api = RetrievalOptions(batch_size=options.batch_size, num_workers=options.num_workers)
-    assert dataclasses.asdict(options) == dataclasses.asdict(api)
+    assert dataclasses.asdict(retrieval_options(**defaults)) == dataclasses.asdict(RetrievalOptions())
+
+
+def test_every_retrieval_flag_reaches_its_field_and_back() -> None:
+    """Flags given on a command line become the dataclass's values (text parsed, nested settings
+    switched on), and command_words writes the same flags back: one declaration, both ways."""
+    from jdfashion.cli.retrieval import fuse, retrieval_options
+    from jdfashion.options import ROTATION_TTA, RetrievalOptions, SelfTraining
+    from jdfashion.settings import command_words, option_names
+
+    def parsed(words: list[str]) -> RetrievalOptions:
+        with fuse.make_context("fuse", ["--tune", *words]) as context:
+            return retrieval_options(
+                **{name: context.params[name] for name in option_names(RetrievalOptions)}
+            )
+
+    flags = "--centring 0.5 --query-augmentation 5 --rotations tta --flip --workers 0 --self-training"
+    options = parsed([*flags.split(), "--self-training-steps", "7", "--score-normalisation", "zscore"])
+    assert options == RetrievalOptions(
+        centring=0.5,
+        query_augmentation=5,
+        rotations=ROTATION_TTA,
+        flip=True,
+        num_workers=0,
+        self_training=SelfTraining(steps=7),
+        score_normalisation="zscore",
+    )
+    assert parsed(command_words(options)) == options
+    with pytest.raises(click.BadParameter, match="not in the range 0<=x<=1"):
+        parsed(["--centring", "1.5"])
 
 
 def test_training_summary_says_when_the_frozen_reference_shipped() -> None:
@@ -184,3 +212,27 @@ def test_training_summary_says_when_the_frozen_reference_shipped() -> None:
         "loss 2.500  train acc 0.500  shipped the frozen reference (validation mAP@10 0.5000)"
     )
     assert training_summary(trained) == "loss 2.500  train acc 0.500  kept epoch 0 (validation mAP@10 0.4000)"
+
+
+def test_train_options_are_the_config_fields_and_only_given_ones_override_the_recipe() -> None:
+    """`train`'s options come from TrainConfig's fields: none given leaves every value to the recipe;
+    given ones are parsed into the field's type and win over it."""
+    from jdfashion.cli.training import train
+    from jdfashion.config import TrainConfig, recipe_config
+    from jdfashion.settings import given_options
+
+    with train.make_context("train", []) as context:
+        assert given_options(TrainConfig, context.params) == {}
+    words = "--lr 0.01 --wise-alphas 0.5,0.75 --decay-epochs 3,6 --no-validate --workers 0 --pooling gem"
+    with train.make_context("train", words.split()) as context:
+        given = given_options(TrainConfig, context.params)
+    assert given == {
+        "lr": 0.01,
+        "wise_alphas": (0.5, 0.75),
+        "decay_epochs": (3, 6),
+        "validate": False,
+        "num_workers": 0,
+        "pooling": "gem",
+    }
+    config = recipe_config("finetune", **given)
+    assert (config.lr, config.wise_alphas, config.optimizer) == (0.01, (0.5, 0.75), "adamw")

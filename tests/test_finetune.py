@@ -14,18 +14,17 @@ from PIL import Image
 from jdfashion.callbacks import LoopState
 from jdfashion.checkpoint import load_trained
 from jdfashion.config import TrainConfig
+from jdfashion.finishing import interpolate, whiten_if_better
 from jdfashion.model.backbones import create_backbone
 from jdfashion.model.mgpa import MGPAConfig, create_model
 from jdfashion.model.whitening import learn_part_whitening
 from jdfashion.paths import MODEL_CONFIG, MODEL_CURVES, MODEL_METRICS, DataLayout
 from jdfashion.train import (
     build_optimizer,
-    interpolate,
     load_training_data,
     load_validation,
     model_config_for,
     train,
-    whiten_if_better,
 )
 
 TINY = {"image_size": 64, "identities_per_batch": 2, "num_workers": 0, "warmup_epochs": 0}

@@ -20,7 +20,7 @@ from jdfashion.data.manifest import GROCERY_CATEGORY, GROCERY_TEST_CLASSES
 from jdfashion.features import FeatureExtractor
 from jdfashion.options import RetrievalOptions
 from jdfashion.paths import DataLayout
-from jdfashion.realdata import run_real_protocol
+from jdfashion.realdata.bench import run_real_protocol
 from jdfashion.realdata.protocol import ROTATED_DIR, build_rotated_queries, fold_layouts
 from jdfashion.realdata.rows import (
     BRANCH_ROWS,
@@ -32,6 +32,7 @@ from jdfashion.realdata.rows import (
     TTA_ROWS,
     RunSettings,
 )
+from jdfashion.realdata.settings import RealRun
 from jdfashion.workspace import Workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
@@ -44,8 +45,8 @@ MICRO = {
     "max_queries": 32,
     "max_train_photos": 3,
     "show_progress": False,
-    "console": Console(quiet=True),
 }
+QUIET = Console(quiet=True)
 MICRO_ROWS = ("histogram", "lite0-frozen-global", "lite0-tuned-global", "lite0-selftrained-global")
 
 
@@ -60,12 +61,7 @@ def grocery() -> Path:
 @pytest.fixture(scope="module")
 def micro_run(grocery: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("real")
-    report = run_real_protocol(
-        grocery,
-        out,
-        rows=list(MICRO_ROWS),
-        **MICRO,
-    )
+    report = run_real_protocol(RealRun(dataset=grocery, out=out, rows=MICRO_ROWS, **MICRO), QUIET)
     return out, report
 
 
@@ -124,13 +120,8 @@ def test_one_row_rerun_keeps_the_table_and_reuses_the_model(
     out, first = micro_run
     model_dir = out / "weights" / "lite0-tuned-global" / "seed0" / "clothes" / "efficientnet_lite0"
     trained_at = (model_dir / "model.safetensors").stat().st_mtime_ns
-    report = run_real_protocol(
-        grocery,
-        out,
-        rows=["lite0-tuned-global"],
-        time_steps=False,
-        **MICRO,
-    )
+    run = RealRun(dataset=grocery, out=out, rows=("lite0-tuned-global",), time_steps=False, **MICRO)
+    report = run_real_protocol(run, QUIET)
     assert [row.name for row in report.rows] == list(MICRO_ROWS)
     assert report.row("histogram") == first.row("histogram")
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == trained_at, "the model was retrained"
@@ -159,9 +150,9 @@ def test_a_smaller_gallery_cannot_score_lower(micro_run: tuple[Path, object]) ->
 
 def test_unknown_rows_and_too_small_images_are_refused(grocery: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown rows lite0-pcb"):
-        run_real_protocol(grocery, tmp_path, rows=["lite0-pcb"], console=Console(quiet=True))
+        RealRun(dataset=grocery, out=tmp_path, rows=("lite0-pcb",))
     with pytest.raises(ValueError, match="image_size must be >= 128"):
-        run_real_protocol(grocery, tmp_path, image_size=64, console=Console(quiet=True))
+        RealRun(dataset=grocery, out=tmp_path, image_size=64)
 
 
 def test_training_never_ships_below_its_starting_point_on_validation(micro_run: tuple[Path, object]) -> None:
@@ -288,9 +279,7 @@ def test_the_turn_classifier_learned_from_training_photos_finds_which_way_is_up(
 
 
 def test_deskew_columns_are_measured_on_the_deskew_rows_only() -> None:
-    settings = RunSettings(
-        Path("out"), (0,), None, None, smoke=False, options=RetrievalOptions(), rotation=True
-    )
+    settings = RunSettings(RealRun(out=Path("out"), seeds=(0,), rotation=True), RetrievalOptions())
     for name in DEFAULT_ROWS:
         deskewed = [variant for variant in settings.variants(ROWS[name]) if variant.deskew]
         assert bool(deskewed) == (name in DESKEW_ROWS), name
@@ -301,7 +290,7 @@ def test_deskew_columns_are_measured_on_the_deskew_rows_only() -> None:
             assert options.choose_upright == variant.choose_upright
     names = [variant.name for variant in settings.variants(ROWS[DESKEW_ROWS[0]])]
     assert {"upright + deskew + upright view", "rotated + deskew + upright view"} <= set(names)
-    smoke = dataclasses.replace(settings, smoke=True)
+    smoke = dataclasses.replace(settings, run=dataclasses.replace(settings.run, smoke=True))
     assert not any(variant.deskew for name in DESKEW_ROWS for variant in smoke.variants(ROWS[name]))
 
 
@@ -340,7 +329,9 @@ def test_rows_on_one_model_learn_each_self_trained_map_once(
 
     monkeypatch.setattr(ranking, "learn_part_map", counting)
     names = [f"{SHORT}-selftrained-global", f"{SHORT}-selftrained-global-transductive"]
-    report = run_real_protocol(grocery, copy, rows=names, time_steps=False, **MICRO)
+    report = run_real_protocol(
+        RealRun(dataset=grocery, out=copy, rows=tuple(names), time_steps=False, **MICRO), QUIET
+    )
     assert len(learned) == 4 + 2 * len(fold_layouts(copy / "data")) == 10
     plain, transductive = (report.row(name) for name in names)
     alone = first.row(names[0])

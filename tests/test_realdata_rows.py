@@ -12,9 +12,10 @@ from jdfashion.model.backbones import BACKBONE_PRESETS, PACKAGED_BACKBONES
 from jdfashion.options import RetrievalOptions
 from jdfashion.realdata.protocol import Protocol
 from jdfashion.realdata.rows import DEFAULT_ROWS, ENSEMBLE, ROWS, SHORT_NAMES, RunSettings
+from jdfashion.realdata.settings import RealRun
 from jdfashion.realdata.table import RealDataReport, RowResult
 
-SETTINGS = RunSettings(Path("out"), (0, 1), None, None, smoke=False, options=RetrievalOptions())
+SETTINGS = RunSettings(RealRun(out=Path("out"), seeds=(0, 1)), RetrievalOptions())
 
 
 def test_every_packaged_backbone_has_frozen_and_best_pipeline_rows_at_its_native_size() -> None:
@@ -26,8 +27,9 @@ def test_every_packaged_backbone_has_frozen_and_best_pipeline_rows_at_its_native
         assert best.model_row == f"{short}-frozen-horizontal" and best.self_training and best.transductive
         native = BACKBONE_PRESETS[backbone].native_size
         assert SETTINGS.size_for(rows[0]) == native
-        assert dataclasses.replace(SETTINGS, smoke=True).size_for(rows[0]) == 128
-        assert dataclasses.replace(SETTINGS, image_size=160).size_for(rows[0]) == 160
+        for changed, size in (({"smoke": True}, 128), ({"image_size": 160}, 160)):
+            run = dataclasses.replace(SETTINGS.run, **changed)
+            assert dataclasses.replace(SETTINGS, run=run).size_for(rows[0]) == size
         assert {row.name for row in [*rows, best]} <= set(DEFAULT_ROWS)
     assert [SETTINGS.size_for(ROWS[f"{short}-frozen-horizontal"]) for short in SHORT_NAMES.values()] == [
         224,
@@ -89,3 +91,20 @@ def test_the_report_says_how_well_validation_ranks_the_rows_and_which_it_would_p
         "Spearman rho undefined (equal scores)"
         in RealDataReport(protocol, flat, {"command": "x"}).to_markdown()
     )
+
+
+def test_a_run_records_every_setting_and_the_command_that_repeats_it() -> None:
+    """RealRun is the one declaration: the record holds each field and the retrieval options the rows
+    start from, and its command, given to `bench real`, parses back to the same run."""
+    from jdfashion.cli.runs import bench_real
+    from jdfashion.settings import from_options
+
+    run = RealRun(dataset=Path("."), out=Path("runs/x"), seeds=(0, 2), epochs=3, rows=("histogram",))
+    run = dataclasses.replace(run, rotation=False, rotation_side="gallery")
+    record = run.record(RetrievalOptions(num_workers=0))
+    assert {field.name for field in dataclasses.fields(RealRun)} < set(record)
+    assert record["retrieval"] == dataclasses.asdict(RetrievalOptions(num_workers=0))
+    words = record["command"].split()
+    assert words[:3] == ["jdfashion", "bench", "real"]
+    with bench_real.make_context("real", words[3:]) as context:
+        assert from_options(RealRun, context.params) == run

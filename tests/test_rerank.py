@@ -234,3 +234,34 @@ def test_query_augmentation_alpha_weights_the_added_queries_by_similarity() -> N
     assert float((steep * queries).sum(dim=1).min()) > 0.99 > float((plain * queries).sum(dim=1).max())
     with pytest.raises(ValueError, match="query_augmentation_alpha"):
         RetrievalOptions(query_augmentation=5, query_augmentation_alpha=-1.0)
+
+
+@pytest.mark.parametrize("reranked", [False, True])
+def test_the_search_precision_option_reaches_the_search_and_never_changes_the_lists(
+    reranked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RetrievalOptions.search_precision (the demonstration of one-place settings: its field, this
+    pass-through and this test) picks the candidate pass; the lists stay a float64 search's."""
+    from jdfashion import fusion
+    from jdfashion import search as search_module
+
+    queries, gallery, _ = two_domains(seed=2)
+    ids = [f"q{i}" for i in range(len(queries))], [f"g{i}" for i in range(len(gallery))]
+    sets = {"m": FeatureSet(ids[0], torch.from_numpy(queries).float())}
+    gallery_sets = {"m": FeatureSet(ids[1], torch.from_numpy(gallery).float())}
+    seen: list[str] = []
+    search = search_module.search
+
+    def recorded(*args: object, **options: object) -> object:
+        seen.append(options.get("precision", "auto"))  # re-ranking's own neighbour searches: auto
+        return search(*args, **options)
+
+    for module in (search_module, fusion):  # topk's search (re-ranking) and fused_topk's
+        monkeypatch.setattr(module, "search", recorded)
+    lists = {}
+    for precision in ("fp32", "bf16"):
+        options = RetrievalOptions(search_precision=precision, query_expansion=reranked, show_progress=False)
+        seen.clear()
+        lists[precision] = ranked_lists(sets, gallery_sets, {"m": 1.0}, options)
+        assert seen[-1] == precision  # the ranking's own search
+    assert lists["fp32"] == lists["bf16"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from jdfashion import blocks
 from jdfashion import precision as precision_module
 from jdfashion import search as search_module
 from jdfashion.fusion import fuse, fused_topk
@@ -84,26 +85,6 @@ def test_memory_mapped_fp16_gallery(tmp_path: Path) -> None:
     )
 
 
-def test_groups_rank_inside_the_group_then_fill_from_the_others() -> None:
-    rng = np.random.default_rng(4)
-    queries, gallery = half_sign_vectors(rng, 12), half_sign_vectors(rng, 60)
-    query_groups = np.array([0, 1, 2, 3] * 3)
-    gallery_groups = np.where(np.arange(60) < 3, 2, np.arange(60) % 2)  # group 2 has 3 items, group 3 none
-    scores, indices = topk(
-        queries, gallery, 8, chunk_size=9, query_groups=query_groups, gallery_groups=gallery_groups
-    )
-    full_scores, full_order = brute_force(queries, gallery, 60)
-    for row, group in enumerate(query_groups):
-        inside = [i for i in full_order[row] if gallery_groups[i] == group]
-        outside = [i for i in full_order[row] if gallery_groups[i] != group]
-        expected = (inside + outside)[:8]
-        assert indices[row].tolist() == expected
-        assert len(set(indices[row].tolist())) == 8
-        lookup = dict(zip(full_order[row].tolist(), full_scores[row], strict=True))
-        np.testing.assert_allclose(scores[row], [lookup[i] for i in expected], atol=1e-6)
-    assert (gallery_groups[indices[query_groups == 2][:, :3]] == 2).all()
-
-
 def test_no_queries_give_empty_results() -> None:
     scores, indices = topk(np.zeros((0, 4), np.float32), np.eye(4, dtype=np.float32), 2)
     assert scores.shape == indices.shape == (0, 2)
@@ -121,7 +102,6 @@ def test_no_queries_give_empty_results() -> None:
         ),
         (np.ones((2, 3)), np.ones((5, 3)), 6, {}, "k must be between 1 and the gallery size 5"),
         (np.ones((2, 3)), np.ones((5, 3)), 0, {}, "k must be between 1"),
-        (np.ones((2, 3)), np.ones((5, 3)), 2, {"query_groups": np.zeros(2)}, "give both"),
         (np.ones((2, 3)), np.ones((5, 3)), 2, {"chunk_size": 0}, "chunk sizes must be >= 1"),
     ],
 )
@@ -335,7 +315,7 @@ def test_cuda_searches_switch_off_tf32_and_reduced_precision_sums_then_restore_t
 def test_map_rows_covers_every_row_of_every_view_block_by_block(dtype: type) -> None:
     """Across a block boundary and two views: each output row is the transform of its own row, in
     the input's half or full precision, and no block is ever larger than BLOCK_ROWS."""
-    count = search_module.BLOCK_ROWS + 5
+    count = blocks.BLOCK_ROWS + 5
     features = np.random.default_rng(0).standard_normal((2, count, 3)).astype(dtype)
     seen = []
 
@@ -343,7 +323,7 @@ def test_map_rows_covers_every_row_of_every_view_block_by_block(dtype: type) -> 
         seen.append(len(rows))
         return torch.from_numpy(view[rows].astype(np.float32) * 2)
 
-    out = search_module.map_rows(features, doubled)
+    out = blocks.map_rows(features, doubled)
     assert out.dtype == (torch.float16 if dtype == np.float16 else torch.float32)
-    assert seen == [search_module.BLOCK_ROWS, 5] * 2
+    assert seen == [blocks.BLOCK_ROWS, 5] * 2
     assert torch.equal(out, torch.from_numpy(features.astype(np.float32) * 2).to(out.dtype))

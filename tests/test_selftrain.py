@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from jdfashion import ranking
 from jdfashion.data.jdformat import Box, Category, ImageRef
 from jdfashion.features import FeatureSet
-from jdfashion.options import RetrievalOptions
+from jdfashion.options import RetrievalOptions, SelfTraining
 from jdfashion.pipeline import tune_on_validation
 from jdfashion.ranking import ranked_lists, self_trained
 from jdfashion.search import topk
 from jdfashion.selftrain import (
-    SelfTraining,
     apply_part_map,
     as_parts,
     confident_queries,
@@ -196,12 +195,12 @@ def test_a_run_learns_each_map_once_on_its_own_device(tmp_path, monkeypatch: pyt
     workspace = Workspace.at(tmp_path / "data", tmp_path / "weights")
     queries, gallery, _ = feature_sets(0)
     options = RetrievalOptions(show_progress=False, self_training=FAST)
-    mapped = workspace.self_trained((queries, gallery), options, key=("val", "m"))
+    mapped = workspace.self_trained_once((queries, gallery), options, key=("val", "m"))
     assert devices == ["cuda:1"]
-    assert workspace.self_trained((queries, gallery), options, key=("val", "m")) is mapped
+    assert workspace.self_trained_once((queries, gallery), options, key=("val", "m")) is mapped
     assert all(side.part_mapped for side in mapped) and len(devices) == 1
     reseeded = dataclasses.replace(options, self_training=dataclasses.replace(FAST, seed=1))
-    workspace.self_trained((queries, gallery), reseeded, key=("val", "m"))
+    workspace.self_trained_once((queries, gallery), reseeded, key=("val", "m"))
     assert len(devices) == 2
     assert all(again is side for again, side in zip(self_trained(*mapped, options), mapped, strict=True))
     plain = RetrievalOptions(show_progress=False)

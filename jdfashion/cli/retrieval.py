@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,143 +22,19 @@ from jdfashion.cli.common import (
     fail_on_value_errors,
     weights_option,
 )
+from jdfashion.options import RetrievalOptions
+from jdfashion.settings import click_options, from_options
 
 
-def retrieval_options(
-    flip: bool,
-    qe: bool,
-    dba: bool,
-    rerank: bool,
-    batch_size: int,
-    workers: int,
-    rotations: str,
-    rotation_side: str,
-    deskew_queries: bool,
-    choose_upright: bool,
-    score_normalisation: str,
-    centring: float,
-    query_augmentation: int,
-    query_augmentation_alpha: float,
-    self_training: bool,
-    self_training_keep: float,
-    self_training_steps: int,
-    self_training_seed: int,
-):
-    from jdfashion.options import RetrievalOptions, parse_rotations
-    from jdfashion.selftrain import SelfTraining
-
-    learned = (
-        SelfTraining(keep=self_training_keep, steps=self_training_steps, seed=self_training_seed)
-        if self_training
-        else None
-    )
-
-    return RetrievalOptions(
-        flip=flip,
-        query_expansion=qe,
-        database_augmentation=dba,
-        k_reciprocal=rerank,
-        batch_size=batch_size,
-        num_workers=workers,
-        rotations=parse_rotations(rotations),
-        rotation_side=rotation_side,
-        deskew_queries=deskew_queries,
-        choose_upright=choose_upright,
-        score_normalisation=score_normalisation,
-        centring=centring,
-        query_augmentation=query_augmentation,
-        query_augmentation_alpha=query_augmentation_alpha,
-        self_training=learned,
-    )
+def retrieval_options(**flags: Any) -> RetrievalOptions:
+    """The options of :func:`retrieval_flags` as the API's :class:`RetrievalOptions`."""
+    return from_options(RetrievalOptions, flags)
 
 
-def retrieval_flags(function):
-    """The inference options shared by extract/fuse/submit, so what is tuned is what is submitted."""
-    for option in reversed(
-        [
-            click.option("--flip/--no-flip", default=False, help="Horizontal-flip test-time augmentation."),
-            click.option("--query-expansion", "qe", is_flag=True, help="alpha-query expansion."),
-            click.option("--database-augmentation", "dba", is_flag=True, help="Database-side augmentation."),
-            click.option("--rerank", is_flag=True, help="Sparse k-reciprocal re-ranking."),
-            click.option(
-                "--centring",
-                type=click.FloatRange(0, 1),
-                default=0.0,
-                show_default=True,
-                help="Domain centring: subtract this fraction of each side's mean feature (test-time).",
-            ),
-            click.option(
-                "--query-augmentation",
-                type=click.IntRange(0),
-                default=0,
-                show_default=True,
-                help="Add each query's N nearest other queries (database augmentation of the query set).",
-            ),
-            click.option(
-                "--query-augmentation-alpha",
-                type=click.FloatRange(0),
-                default=1.0,
-                show_default=True,
-                help="Weight of each added query: its similarity to this power (0: a plain sum).",
-            ),
-            click.option(
-                "--self-training/--no-self-training",
-                default=False,
-                show_default=True,
-                help="Learn a part map from the searched queries' own confident first results, then "
-                "rank again (transductive; docs/REALDATA.md).",
-            ),
-            click.option(
-                "--self-training-keep",
-                type=click.FloatRange(0, 1, min_open=True),
-                default=0.6,
-                show_default=True,
-                help="Share of queries, most confident first, that self-training learns from.",
-            ),
-            click.option("--self-training-steps", type=click.IntRange(1), default=100, show_default=True),
-            click.option("--self-training-seed", type=int, default=0, show_default=True),
-            click.option(
-                "--rotations",
-                default="0",
-                show_default=True,
-                help="Rotation TTA: views at these in-plane angles (comma list of degrees, or 'tta' "
-                "for -90,-45,0,45,90); a pair scores its best view.",
-            ),
-            click.option(
-                "--rotation-side",
-                type=click.Choice(["query", "gallery"]),
-                default="query",
-                show_default=True,
-                help="Whose images --rotations turns: each angle costs one extraction of that side.",
-            ),
-            click.option(
-                "--deskew-queries/--no-deskew-queries",
-                default=False,
-                show_default=True,
-                help="Turn each query photo back by the tilt of its own edges before extraction "
-                "(a tilt past 45 degrees needs --rotations 0,90,-90 too).",
-            ),
-            click.option(
-                "--choose-upright/--no-choose-upright",
-                default=False,
-                show_default=True,
-                help="Keep one view per query (needs query --rotations): the one a turn classifier, "
-                "learned from the training photos, votes upright, plus its best match.",
-            ),
-            click.option(
-                "--score-normalisation",
-                type=click.Choice(["none", "zscore", "minmax"]),
-                default="none",
-                show_default=True,
-                help="Fusion: each model's scores of a query divided by their spread over the gallery "
-                "(standard deviation or range) before the weighted sum.",
-            ),
-            click.option("--batch-size", default=64, show_default=True),
-            click.option("--workers", default=2, show_default=True),
-        ]
-    ):
-        function = option(function)
-    return function
+def retrieval_flags(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The inference options shared by extract/fuse/submit, so what is tuned is what is submitted:
+    one option per field of :class:`RetrievalOptions`, declared there."""
+    return click_options(RetrievalOptions)(function)
 
 
 @click.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -11,6 +12,8 @@ from jdfashion.cli.common import (
     device_option,
     fail_on_value_errors,
 )
+from jdfashion.realdata.settings import RealRun
+from jdfashion.settings import click_options, from_options
 
 
 @click.command()
@@ -31,47 +34,11 @@ def bench() -> None:
 
 
 @bench.command("real")
-@click.option(
-    "--dataset",
-    type=click.Path(exists=True, path_type=Path),
-    default=Path("../shared/data/grocery-store/dataset"),
-    show_default=True,
-    help="The Grocery Store dataset folder (read in place).",
-)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/real"), show_default=True)
-@click.option("--smoke", is_flag=True, help="One seed, few rows and epochs, tiny images (the CI check).")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds for the repeated rows.")
-@click.option("--epochs", type=int, default=None, help="Override every row's epochs.")
-@click.option("--image-size", type=int, default=None, help="Override every row's image size.")
-@click.option("--rows", default=None, help="Comma list of row names to (re)run; see docs/REALDATA.md.")
-@click.option(
-    "--rotation/--no-rotation",
-    default=True,
-    show_default=True,
-    help="Also score rotated test queries, and both query sets with rotation TTA.",
-)
-@click.option(
-    "--rotation-side",
-    type=click.Choice(["query", "gallery"]),
-    default="query",
-    show_default=True,
-    help="Whose images rotation TTA turns (docs/REALDATA.md measures both).",
-)
+@click_options(RealRun)
 @fail_on_value_errors
-def bench_real(dataset, out, smoke, seeds, epochs, image_size, rows, rotation, rotation_side) -> None:
+def bench_real(**flags: Any) -> None:
     """The Grocery Store protocol: histogram, MGPA branch ablation, frozen vs trained, tuned fusion,
     upright and rotated queries."""
-    from jdfashion.realdata import run_real_protocol
+    from jdfashion.realdata.bench import run_real_protocol
 
-    run_real_protocol(
-        dataset,
-        out,
-        smoke=smoke,
-        seeds=tuple(int(s) for s in seeds.split(",")),
-        epochs=epochs,
-        image_size=image_size,
-        rows=rows.split(",") if rows else None,
-        rotation=rotation,
-        rotation_side=rotation_side,
-        console=console,
-    )
+    run_real_protocol(from_options(RealRun, flags), console=console)

@@ -14,12 +14,14 @@ photos of ~50 products the small eigenvalues are noise, and inverting them unshr
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-WhiteningKind = Literal["none", "pca", "supervised"]
+if TYPE_CHECKING:
+    from jdfashion.config import WhiteningKind
+
 WHITENING_KINDS: tuple[str, ...] = ("none", "pca", "supervised")
 
 

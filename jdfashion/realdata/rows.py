@@ -16,14 +16,11 @@ from typing import Literal
 from jdfashion.config import TrainConfig, recipe_config
 from jdfashion.data.jdformat import ImageRef, read_images, read_truth
 from jdfashion.data.manifest import GROCERY_CATEGORY
-from jdfashion.fusion import ScoreNormalisation
 from jdfashion.model.backbones import BACKBONE_PRESETS, DEFAULT_BACKBONE, PACKAGED_BACKBONES
-from jdfashion.options import ROTATION_TTA, RetrievalOptions, RotationSide
-from jdfashion.paths import (
-    DataLayout,
-)
+from jdfashion.options import ROTATION_TTA, RetrievalOptions, ScoreNormalisation, SelfTraining
+from jdfashion.paths import DataLayout
 from jdfashion.realdata.protocol import ROTATED_DIR, fold_layouts
-from jdfashion.selftrain import SelfTraining
+from jdfashion.realdata.settings import RealRun
 from jdfashion.workspace import Workspace
 
 RowKind = Literal["histogram", "model", "fused"]
@@ -67,7 +64,6 @@ SMOKE_ROWS = (
 )
 # Every map side must hold 8 cells (stride 16 with the last stride removed): the 3-way cuts and the
 # annular rings are then real regions, not single cells or L-shapes.
-MIN_IMAGE_SIZE = 128
 IDENTITIES_PER_BATCH = 16
 IMAGES_PER_IDENTITY = 4
 # Loading is a few per cent of a step here, and in-process loading leaves both cores to the model.
@@ -304,15 +300,12 @@ DEFAULT_ROWS = tuple(
 
 @dataclass(frozen=True)
 class RunSettings:
-    out: Path
-    seeds: tuple[int, ...]
-    epochs: int | None
-    image_size: int | None
-    smoke: bool
+    """A run (:class:`jdfashion.realdata.settings.RealRun`) as its rows see it: the retrieval options
+    they start from, and the workspaces they share. With ``run.rotation`` the rows score
+    QUERY_VARIANTS too: the TTA ones for TTA_ROWS, the deskew ones for DESKEW_ROWS, neither in smoke."""
+
+    run: RealRun
     options: RetrievalOptions
-    # Score QUERY_VARIANTS too: the TTA ones for TTA_ROWS, the deskew ones for DESKEW_ROWS, neither in smoke.
-    rotation: bool = False
-    rotation_side: RotationSide = "query"
     # One workspace per model for the whole run: rows on the same model (a self-trained row, its
     # transductive twin, their fusion, the variant columns) then share its loaded weights and every
     # self-trained map, each learned once per query set and options.
@@ -321,7 +314,7 @@ class RunSettings:
     @property
     def data_root(self) -> Path:
         """The protocol's data (``build_protocol``'s output): training, validation and test lists."""
-        return self.out / "data"
+        return self.run.out / "data"
 
     def workspace(self, weights_root: Path, *, retrained: bool = False, fold: int = 0) -> Workspace:
         """The run's workspace of the model under ``weights_root`` on validation fold ``fold`` (0: the
@@ -339,10 +332,10 @@ class RunSettings:
         return len(fold_layouts(self.data_root))
 
     def variants(self, spec: RowSpec) -> tuple[QueryVariant, ...]:
-        if not self.rotation:
+        if not self.run.rotation:
             return ()
-        tta = spec.name in TTA_ROWS and not self.smoke
-        deskew = spec.name in DESKEW_ROWS and not self.smoke
+        tta = spec.name in TTA_ROWS and not self.run.smoke
+        deskew = spec.name in DESKEW_ROWS and not self.run.smoke
         return tuple(
             variant
             for variant in QUERY_VARIANTS
@@ -363,7 +356,7 @@ class RunSettings:
             )
         if not variant.tta:
             return options
-        return replace(options, rotations=ROTATION_TTA, rotation_side=self.rotation_side)
+        return replace(options, rotations=ROTATION_TTA, rotation_side=self.run.rotation_side)
 
     def queries_for(self, variant: QueryVariant) -> tuple[list[ImageRef], dict[str, list[str]]]:
         layout = DataLayout(self.data_root / ROTATED_DIR if variant.rotated else self.data_root)
@@ -372,20 +365,20 @@ class RunSettings:
     def epochs_for(self, spec: RowSpec) -> int:
         if spec.recipe == "frozen":
             return 0
-        return self.epochs or (SMOKE_EPOCHS if self.smoke else DEFAULT_EPOCHS)
+        return self.run.epochs or (SMOKE_EPOCHS if self.run.smoke else DEFAULT_EPOCHS)
 
     def size_for(self, spec: RowSpec) -> int:
         """The given size, else the smoke run's, else the row's backbone's native size (224 / 240 / 260
         for Lite0 / 1 / 2, from timm's pretrained configs)."""
-        if self.image_size or self.smoke:
-            return self.image_size or SMOKE_IMAGE_SIZE
+        if self.run.image_size or self.run.smoke:
+            return self.run.image_size or SMOKE_IMAGE_SIZE
         return BACKBONE_PRESETS[spec.backbone].native_size
 
     def seeds_for(self, spec: RowSpec) -> tuple[int, ...]:
-        return self.seeds if spec.multi_seed else self.seeds[:1]
+        return self.run.seeds if spec.multi_seed else self.run.seeds[:1]
 
     def weights_root(self, spec_name: str, seed: int) -> Path:
-        return self.out / "weights" / spec_name / f"seed{seed}"
+        return self.run.out / "weights" / spec_name / f"seed{seed}"
 
 
 def train_config(spec: RowSpec, seed: int, epochs: int, image_size: int) -> TrainConfig:

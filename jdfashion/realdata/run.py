@@ -42,7 +42,7 @@ from jdfashion.realdata.table import RowResult
 from jdfashion.search import topk
 from jdfashion.submission import TOP_K
 from jdfashion.train import resolved, train
-from jdfashion.workspace import ValidationSet, Workspace, validation_features, validation_set
+from jdfashion.workspace import ValidationSet, Workspace, validation_as_ranked, validation_set
 
 TIMING_FILE = "timing.json"
 SEED_COST_FILE = "seed-cost.json"
@@ -161,7 +161,9 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
     for seed in settings.seeds_for(spec):
         options = spec.options(settings.options, seed)
         # A row on another row's model (self-training) uses that row's model and feature caches.
-        model_spec, model_seed = (ROWS[spec.model_row], settings.seeds[0]) if spec.model_row else (spec, seed)
+        model_spec, model_seed = (
+            (ROWS[spec.model_row], settings.run.seeds[0]) if spec.model_row else (spec, seed)
+        )
         with clock() as spent:
             workspace, trained_now = trained_model(model_spec, model_seed, settings, console)
             sets = _test_features(workspace, spec.backbone, queries, gallery, options)
@@ -255,7 +257,7 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         workspaces = {}
         for member in spec.members:
             member_spec = ROWS[member]
-            member_seed = seed if member_spec.multi_seed else settings.seeds[0]
+            member_seed = seed if member_spec.multi_seed else settings.run.seeds[0]
             workspaces[member] = (
                 trained_model(member_spec, member_seed, settings, console)[0],
                 member_spec.backbone,
@@ -390,7 +392,7 @@ class _Pipeline:
         """Each model's validation features on ``fold`` as ``options`` rank them (self-trained once per
         options and fold)."""
         return {
-            m: validation_features(w, b, GROCERY_CATEGORY, options)
+            m: validation_as_ranked(w, b, GROCERY_CATEGORY, options)
             for m, (w, b) in self._on_fold(fold).items()
         }
 
@@ -481,4 +483,4 @@ def _test_features(
     workspace's one map for these queries, gallery and options."""
     pair = workspace.pair_features(GROCERY_CATEGORY, backbone, queries, gallery, options, f"{backbone} test")
     key = ("test", backbone, tuple(ref.url for ref in queries), tuple(ref.url for ref in gallery))
-    return workspace.self_trained(pair, options, key)
+    return workspace.self_trained_once(pair, options, key)

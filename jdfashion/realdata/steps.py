@@ -11,14 +11,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from jdfashion.config import TrainConfig
-from jdfashion.data.loader import ItemDataset, PKBatchSampler, collate, train_transform
+from jdfashion.data.loader import collate
 from jdfashion.losses import mgpa_losses
-from jdfashion.model.mgpa import create_model
 from jdfashion.paths import (
     DataLayout,
 )
 from jdfashion.realdata.table import StepTimes
-from jdfashion.train import build_optimizer, load_training_data, model_config_for, resolved
+from jdfashion.train import (
+    build_model,
+    build_optimizer,
+    load_training_data,
+    resolved,
+    training_dataset,
+    training_sampler,
+)
 
 
 def measure_step_times(config: TrainConfig, data_root: Path, batches: int = 4, row: str = "") -> StepTimes:
@@ -31,14 +37,10 @@ def measure_step_times(config: TrainConfig, data_root: Path, batches: int = 4, r
     layout = DataLayout(Path(data_root))
     data = load_training_data(layout, config)
     torch.manual_seed(config.seed)
-    model_config = model_config_for(config, len(data.identities))
-    model = create_model(model_config, pretrained=config.pretrained_weights)
+    model = build_model(config, len(data.identities))
     optimizer = build_optimizer(model, config)
-    sampler = PKBatchSampler(
-        data.groups, config.identities_per_batch, config.images_per_identity, config.seed
-    )
-    transform = train_transform(config.image_size, *model_config.normalization, augment=config.augment)
-    dataset = ItemDataset(data.samples, layout.images, transform)
+    sampler = training_sampler(data, config)
+    dataset = training_dataset(data, layout, config)
     model.train()
     totals = {"data": 0.0, "forward": 0.0, "backward": 0.0}
     epoch = 0
