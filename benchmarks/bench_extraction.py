@@ -16,7 +16,11 @@ Variants, each in a fresh process, each after one warm-up batch, in interleaved 
 * jdfashion ``FeatureCache.extract`` of one rotated view (rotation TTA: every extra angle is one more
   extraction of that side, plus the in-plane rotation of each image);
 * jdfashion ``FeatureCache.extract`` with deskew (``--deskew-queries``: each image's tilt read from its
-  edges and turned back at source resolution before the resize).
+  edges and turned back at source resolution before the resize);
+* jdfashion ``FeatureCache.extract`` through ONNX Runtime (``--runtime onnxruntime``, the model's
+  ``jdfashion export``) in fp32 and int8 (``export --int8``), and ONNX Runtime's forward alone on the
+  preloaded tensors: fp32 with every graph optimisation (what the runtime uses), fp32 with the basic
+  ones only, and int8, so each step's share of the gain is visible.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +46,20 @@ from jdfashion.data.demo import DemoConfig, make_demo
 from jdfashion.data.images import url_to_path
 from jdfashion.data.jdformat import ImageRef, read_images
 from jdfashion.data.split import make_split
+from jdfashion.export import (
+    CALIBRATION_IMAGES,
+    GraphOptimisation,
+    OnnxInfo,
+    check_batch,
+    export_onnx,
+    onnx_paths,
+    open_session,
+    quantize_onnx,
+    run_session,
+)
 from jdfashion.features import ExtractOptions, FeatureCache
 from jdfashion.model.backbones import timm_name_for
+from jdfashion.options import ExportedRuntime, Runtime
 from jdfashion.paths import DataLayout
 from jdfashion.train import train
 
@@ -72,6 +88,7 @@ class Workspace:
     image_root: Path
     refs: tuple[ImageRef, ...]
     scratch: Path
+    exports: dict[str, OnnxInfo]
 
 
 def prepare(size: ExtractionSize, root: Path) -> Workspace:
@@ -93,7 +110,12 @@ def prepare(size: ExtractionSize, root: Path) -> Workspace:
     model_dir = train(config, data, root / "weights", show_progress=False).directory
     layout = DataLayout(data)
     refs = tuple(read_images(layout.queries)) + tuple(read_images(layout.gallery))
-    return Workspace(model_dir, layout.images, refs, root / "scratch")
+    # The exports every ONNX Runtime variant reads, as ``jdfashion export [--int8]`` writes them.
+    trained = load_trained(model_dir)
+    exports = {"fp32": export_onnx(trained, check_batch(trained, refs, layout.images))}
+    calibration = check_batch(trained, refs, layout.images, CALIBRATION_IMAGES)
+    exports["int8"] = quantize_onnx(trained, calibration, check_batch(trained, refs[::-1], layout.images))
+    return Workspace(model_dir, layout.images, refs, root / "scratch", exports)
 
 
 def batches(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
@@ -107,6 +129,7 @@ def run_cache(
     rotation: float = 0.0,
     device: str = "cpu",
     deskew: bool = False,
+    runtime: Runtime = "torch",
 ) -> dict[str, Any]:
     """Into a fresh folder each call: a cache left by an earlier round would be read, not computed."""
     trained = load_trained(workspace.model_dir, device)
@@ -118,6 +141,7 @@ def run_cache(
         show_progress=False,
         rotation=rotation,
         deskew=deskew,
+        runtime=runtime,
     )
     FeatureCache(cache_root / "warm-up").extract(
         trained, workspace.refs[: size.batch_size], workspace.image_root, options
@@ -133,6 +157,20 @@ def run_cache(
 
 def run_cache_deskewed(size: ExtractionSize, workspace: Workspace, num_workers: int) -> dict[str, Any]:
     return run_cache(size, workspace, num_workers, deskew=True)
+
+
+def run_cache_exported(
+    size: ExtractionSize, workspace: Workspace, num_workers: int, runtime: Runtime
+) -> dict[str, Any]:
+    return run_cache(size, workspace, num_workers, runtime=runtime)
+
+
+def run_onnx_tensors(
+    size: ExtractionSize, workspace: Workspace, runtime: ExportedRuntime, optimisation: GraphOptimisation
+) -> dict[str, Any]:
+    """ONNX Runtime's forward alone, on the same preloaded tensors as the PyTorch forward rows."""
+    session = open_session(onnx_paths(workspace.model_dir, runtime)[0], optimisation=optimisation)
+    return forward_preloaded(lambda images: run_session(session, images), size, workspace)
 
 
 def plain_timm_model(size: ExtractionSize) -> torch.nn.Module:
@@ -172,14 +210,15 @@ def run_timm_disk(size: ExtractionSize, workspace: Workspace, device: str = "cpu
 
 
 def forward_preloaded(
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     size: ExtractionSize,
     workspace: Workspace,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, Any]:
     """Images decoded before the clock starts; only the forward passes are timed."""
     transform = plain_transform(size)
-    model = model.to(memory_format=memory_format)
+    if isinstance(model, torch.nn.Module):
+        model = model.to(memory_format=memory_format)
     inputs = [
         read_plain(group, workspace.image_root, transform).contiguous(memory_format=memory_format)
         for group in batches(workspace.refs, size.batch_size)
@@ -267,10 +306,32 @@ def main() -> None:
             (2, 45.0),
         ),
         ("jdfashion FeatureCache.extract, 2 workers, deskewed (--deskew-queries)", run_cache_deskewed, (2,)),
+        (
+            "jdfashion FeatureCache.extract, 2 workers, ONNX Runtime fp32 (--runtime onnxruntime)",
+            run_cache_exported,
+            (2, "onnxruntime"),
+        ),
+        (
+            "jdfashion FeatureCache.extract, 2 workers, ONNX Runtime int8 (--runtime onnxruntime-int8)",
+            run_cache_exported,
+            (2, "onnxruntime-int8"),
+        ),
+        (
+            "ONNX Runtime fp32 forward, preloaded tensors, all graph optimisations",
+            run_onnx_tensors,
+            ("onnxruntime", "all"),
+        ),
+        (
+            "ONNX Runtime fp32 forward, preloaded tensors, basic graph optimisations",
+            run_onnx_tensors,
+            ("onnxruntime", "basic"),
+        ),
+        ("ONNX Runtime int8 forward, preloaded tensors", run_onnx_tensors, ("onnxruntime-int8", "all")),
     ]
     with tempfile.TemporaryDirectory(prefix="jdfashion-bench-extraction-") as scratch:
         workspace = prepare(size, Path(scratch))
         outcomes = interleaved_rounds(variants, size, workspace, args.repeats)
+    fp32, int8 = workspace.exports["fp32"], workspace.exports["int8"]
     rows = summary_rows(outcomes, plain_loop)
     columns = [
         Column("variant", "variant"),
@@ -302,6 +363,11 @@ def main() -> None:
         "angle (its rate / the default row's includes the in-plane rotation of every image).",
         "Deskew reads each image's edge directions at 256 px and turns it at source resolution (bicubic), "
         "in the loader workers: its rate / the default row's is its cost per image.",
+        "ONNX Runtime runs the model's `jdfashion export` (opset 18, dynamic batch), with as many intra-op "
+        "threads as torch; the export's features matched PyTorch's to a lowest cosine of "
+        f"{fp32.min_cosine:.7f} over {fp32.checked_images} images. int8: {int8.quantization}; lowest "
+        f"cosine {int8.min_cosine:.4f} (random weights here: retrieval quality is measured on real photos, "
+        "docs/REALDATA.md, and `export --int8` keeps the file only where validation mAP@10 holds).",
     ]
     write_results(
         "extraction",

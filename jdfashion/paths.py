@@ -11,6 +11,7 @@ Data root (official layout, plus what ``jdfashion data split`` adds)::
 Weights root (``weights/`` by default)::
 
     WEIGHTS/<category>/<backbone>/model.safetensors config.json metrics.json curves.png last.ckpt
+                                  model.onnx[.json] model.int8.onnx[.json]   (jdfashion export)
     WEIGHTS/router/<backbone>/...           the tops/bags/shoes category classifier
     WEIGHTS/features/<fingerprint>/         cached features (see features.py)
     WEIGHTS/fusion.json                     fusion weights chosen on validation
@@ -114,6 +115,8 @@ MODEL_CONFIG = "config.json"
 MODEL_METRICS = "metrics.json"
 MODEL_CURVES = "curves.png"  # loss and validation mAP@10 per epoch, beside metrics.json
 RESUME_CHECKPOINT = "last.ckpt"
+MODEL_ONNX = "model.onnx"  # jdfashion export: the extractor for ONNX Runtime (+ model.onnx.json)
+MODEL_ONNX_INT8 = "model.int8.onnx"  # jdfashion export --int8 (+ model.int8.onnx.json)
 FUSION_FILE = "fusion.json"
 LIST_FILES = ("p.txt", "q_all.txt", "q.txt", "s.txt", "gt.txt")
 

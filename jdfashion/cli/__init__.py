@@ -12,6 +12,7 @@ from jdfashion.cli.common import main
 for command in (
     data.data,
     training.train,
+    training.export,
     retrieval.extract,
     retrieval.fuse,
     retrieval.submit,

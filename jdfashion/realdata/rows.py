@@ -17,7 +17,7 @@ from jdfashion.config import TrainConfig, recipe_config
 from jdfashion.data.jdformat import ImageRef, read_images, read_truth
 from jdfashion.data.manifest import GROCERY_CATEGORY
 from jdfashion.model.backbones import BACKBONE_PRESETS, DEFAULT_BACKBONE, PACKAGED_BACKBONES
-from jdfashion.options import ROTATION_TTA, RetrievalOptions, ScoreNormalisation, SelfTraining
+from jdfashion.options import ROTATION_TTA, RetrievalOptions, Runtime, ScoreNormalisation, SelfTraining
 from jdfashion.paths import DataLayout
 from jdfashion.realdata.protocol import ROTATED_DIR, fold_layouts
 from jdfashion.realdata.settings import RealRun
@@ -45,6 +45,13 @@ FUSED_MEMBERS = ("lite0-frozen-horizontal-white", "lite0-frozen-annular", "lite0
 SELF_TRAINED_BRANCHES = ("global", "horizontal", "annular", "all")
 SELF_TRAINED_MEMBERS = ("lite0-frozen-horizontal", "lite0-frozen-annular", "lite0-frozen-all")
 
+# Frozen rows also run through ONNX Runtime (issue 29): (branches, row suffix, runtime).
+EXPORTED_ROWS: tuple[tuple[str, str, Runtime], ...] = (
+    ("global", "onnx", "onnxruntime"),
+    ("horizontal", "onnx", "onnxruntime"),
+    ("horizontal", "int8", "onnxruntime-int8"),
+)
+
 # Each backbone at its pretraining size (RunSettings.size_for): Lite0's 224 px gives 14x14 maps with the
 # last stride removed, so every 3-way part has 4-5 rows; the smoke run's 128 px still gives 8x8.
 DEFAULT_EPOCHS = 2  # the finetune recipe's head-only epoch, then one epoch of the whole network
@@ -54,6 +61,7 @@ SMOKE_TRAIN_PHOTOS = 12  # consumer photos per training identity in the smoke ru
 SMOKE_ROWS = (
     "histogram",
     "lite0-frozen-global",
+    "lite0-frozen-global-onnx",
     "lite0-selftrained-global",
     "lite0-frozen-horizontal-white",
     "lite0-tuned-all",
@@ -148,6 +156,7 @@ class RowSpec:
     # Fused rows: weights tuned on validation or equal, and each model's scores per query normalised.
     weighting: Weighting = "tuned"
     score_normalisation: ScoreNormalisation = "none"
+    runtime: Runtime = "torch"  # model rows: extracted through the model's ONNX export instead
 
     @property
     def trains(self) -> bool:
@@ -176,12 +185,13 @@ class RowSpec:
             normalised = "" if self.score_normalisation == "none" else f", {self.score_normalisation}"
             return f"fused ({self.weighting}{normalised}): " + " + ".join(self.members) + learned
         whitened = " + whitening" if self.whitening != "none" else ""
-        return self.recipe + whitened + learned
+        runtime = "" if self.runtime == "torch" else f", extracted by {self.runtime}"
+        return self.recipe + whitened + learned + runtime
 
     def options(self, base: RetrievalOptions, seed: int) -> RetrievalOptions:
         """The retrieval options of this row's ``seed``: self-training seeded by it, if on."""
         options = replace(base, **TRANSDUCTIVE) if self.transductive else base
-        options = replace(options, score_normalisation=self.score_normalisation)
+        options = replace(options, score_normalisation=self.score_normalisation, runtime=self.runtime)
         return replace(options, self_training=SelfTraining(seed=seed)) if self.self_training else options
 
 
@@ -212,6 +222,18 @@ def _row_specs() -> dict[str, RowSpec]:
                     transductive=transductive,
                 )
             )
+    # The frozen models extracted through their ONNX exports: the same lists (fp32), or int8's.
+    specs += [
+        RowSpec(
+            f"{SHORT}-frozen-{b}-{suffix}",
+            "model",
+            BACKBONE,
+            b,
+            model_row=f"{SHORT}-frozen-{b}",
+            runtime=runtime,
+        )
+        for b, suffix, runtime in EXPORTED_ROWS
+    ]
     for backbone in PACKAGED_BACKBONES[1:]:
         short = SHORT_NAMES[backbone]
         specs += [RowSpec(f"{short}-frozen-{b}", "model", backbone, b) for b in OTHER_BACKBONE_BRANCHES]
