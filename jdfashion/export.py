@@ -185,6 +185,19 @@ def export_category_model(
     return [*exported, quantized]
 
 
+def ensure_exported(
+    workspace: Workspace, category: Category, backbone: str, runtime: ExportedRuntime
+) -> list[OnnxInfo]:
+    """Export the model for ``runtime`` unless a current export is there (what was written, if
+    anything); an int8 file is kept whatever validation says, for a caller that measures it."""
+    try:
+        current_info(workspace.trained(category, backbone), runtime)
+        return []
+    except (FileNotFoundError, ValueError):
+        int8 = runtime == "onnxruntime-int8"
+        return export_category_model(workspace, category, backbone, int8, keep_worse_int8=True)
+
+
 def _write_graph(model: torch.nn.Module, image_size: int, target: Path) -> None:
     """The eval-mode model traced by torch.export into ONNX, batch size left free."""
     example = torch.zeros(2, 3, image_size, image_size)

@@ -195,3 +195,9 @@ def test_int8_is_kept_only_while_validation_holds(
     assert 0 <= recorded["val_map10"] <= 1 and 0 <= recorded["val_map10_fp32"] <= 1
     trained = workspace.trained(Category.CLOTHES, "resnet18")
     assert int8_path.stat().st_size < 0.5 * onnx_paths(trained.directory)[0].stat().st_size
+    # Written once: a current export is reused, a missing one written again (kept, to be measured).
+    assert export.ensure_exported(workspace, Category.CLOTHES, "resnet18", "onnxruntime-int8") == []
+    int8_path.unlink()
+    monkeypatch.setattr(export, "INT8_MAP_TOLERANCE", -1.0)
+    rewritten = export.ensure_exported(workspace, Category.CLOTHES, "resnet18", "onnxruntime-int8")
+    assert [info.quantization[:4] for info in rewritten] == ["fp32", "int8"] and int8_path.is_file()

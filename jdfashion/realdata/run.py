@@ -23,11 +23,11 @@ from jdfashion.baseline import color_histogram_features
 from jdfashion.config import TrainConfig
 from jdfashion.data.jdformat import ImageRef, read_images, read_truth
 from jdfashion.data.manifest import GROCERY_CATEGORY
-from jdfashion.export import current_info, export_category_model
+from jdfashion.export import ensure_exported
 from jdfashion.features import FeatureSet
 from jdfashion.fusion import TuneResult
 from jdfashion.metrics import Scores, evaluate
-from jdfashion.options import ExportedRuntime, RetrievalOptions
+from jdfashion.options import RetrievalOptions
 from jdfashion.paths import (
     MODEL_CONFIG,
     MODEL_METRICS,
@@ -167,8 +167,9 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         )
         with clock() as spent:
             workspace, trained_now = trained_model(model_spec, model_seed, settings, console)
-            if spec.runtime != "torch":
-                exported(workspace, spec.backbone, spec.runtime, console)
+            if spec.runtime != "torch":  # int8 kept whatever validation says: the row measures it
+                for info in ensure_exported(workspace, GROCERY_CATEGORY, spec.backbone, spec.runtime):
+                    console.print(f"exported {spec.backbone}: {info.summary}")
             sets = _test_features(workspace, spec.backbone, queries, gallery, options)
             per_seed.append(_rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, options))
         cost = spent if spec.model_row else _seed_cost(workspace, spec.backbone, spent, trained_now)
@@ -194,17 +195,6 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         rotation=rotation,
         folds=folds,
     )
-
-
-def exported(workspace: Workspace, backbone: str, runtime: ExportedRuntime, console: Console) -> None:
-    """The model's export for ``runtime``, written once per model; an int8 file is kept whatever its
-    validation says, since the row is there to measure it."""
-    try:
-        current_info(workspace.trained(GROCERY_CATEGORY, backbone), runtime)
-    except (FileNotFoundError, ValueError):
-        int8 = runtime == "onnxruntime-int8"
-        for info in export_category_model(workspace, GROCERY_CATEGORY, backbone, int8, keep_worse_int8=True):
-            console.print(f"exported {backbone}: {info.summary}")
 
 
 def _selection_text(workspace: Workspace, backbone: str) -> str:
