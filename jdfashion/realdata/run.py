@@ -128,6 +128,23 @@ def _rank_and_score(
     return _score_both(ranked_lists(queries, gallery, weights, options, k=size), truth)
 
 
+@dataclass
+class _SeedRuns:
+    """What a row gathers seed by seed: test scores (protocol and 16-image), the query variants'
+    scores, each validation fold's, its cost and a note per seed."""
+
+    per_seed: list[tuple[Scores, Scores]] = field(default_factory=list)
+    rotation: list[dict[str, Scores]] = field(default_factory=list)
+    folds: list[list[Scores]] = field(default_factory=list)  # per seed, fold 0 first
+    cpu: float = 0.0
+    wall: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def spend(self, spent: dict[str, float]) -> None:
+        self.cpu += spent["cpu"]
+        self.wall += spent["wall"]
+
+
 def histogram_row(spec: RowSpec, settings: RunSettings) -> RowResult:
     layout = DataLayout(settings.data_root)
     queries, gallery, truth = _test_sets(layout)
@@ -139,26 +156,17 @@ def histogram_row(spec: RowSpec, settings: RunSettings) -> RowResult:
         run = {
             ref.url: [gallery_ids[i] for i in row] for ref, row in zip(queries, indices.tolist(), strict=True)
         }
-        scores, test_only = _score_both(run, truth)
-    return _result(
-        spec,
-        (),
-        [(scores, test_only)],
-        spent["cpu"],
-        spent["wall"],
-        (len(queries), len(gallery)),
-        "HSV 8x8x8 colour histogram, no training",
-    )
+        runs = _SeedRuns(
+            per_seed=[_score_both(run, truth)], notes=["HSV 8x8x8 colour histogram, no training"]
+        )
+    runs.spend(spent)
+    return _result(spec, (), runs, (len(queries), len(gallery)))
 
 
 def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResult:
     layout = DataLayout(settings.data_root)
     queries, gallery, truth = _test_sets(layout)
-    per_seed: list[tuple[Scores, Scores]] = []
-    rotation: list[dict[str, Scores]] = []
-    folds: list[list[Scores]] = []  # per seed, each validation fold's scores, fold 0 first
-    cpu = wall = 0.0
-    selections = []
+    runs = _SeedRuns()
     for seed in settings.seeds_for(spec):
         options = spec.options(settings.options, seed)
         # A row on another row's model (self-training) uses that row's model and feature caches.
@@ -171,29 +179,23 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
                 for info in ensure_exported(workspace, GROCERY_CATEGORY, spec.backbone, spec.runtime):
                     console.print(f"exported {spec.backbone}: {info.summary}")
             sets = _test_features(workspace, spec.backbone, queries, gallery, options)
-            per_seed.append(_rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, options))
-        cost = spent if spec.model_row else _seed_cost(workspace, spec.backbone, spent, trained_now)
-        cpu, wall = cpu + cost["cpu"], wall + cost["wall"]
+            runs.per_seed.append(_rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, options))
+        runs.spend(spent if spec.model_row else _seed_cost(workspace, spec.backbone, spent, trained_now))
         single = _Pipeline(
             {spec.backbone: (workspace, spec.backbone)}, gallery, "equal", settings, spec.trains
         )
-        folds.append(single.fold_validation(options))
-        chosen = _validation_text(folds[-1][0]) if spec.model_row else None
-        selections.append(f"seed {seed}: {chosen or _selection_text(workspace, spec.backbone)}")
-        console.print(f"{spec.name} seed {seed}: {_scores_text(*per_seed[-1])}")
-        rotation.append(_variant_scores(settings.variants(spec), settings, single, options, console))
+        runs.folds.append(single.fold_validation(options))
+        chosen = _validation_text(runs.folds[-1][0]) if spec.model_row else None
+        runs.notes.append(f"seed {seed}: {chosen or _selection_text(workspace, spec.backbone)}")
+        console.print(f"{spec.name} seed {seed}: {_scores_text(*runs.per_seed[-1])}")
+        runs.rotation.append(_variant_scores(settings.variants(spec), settings, single, options, console))
     return _result(
         spec,
         settings.seeds_for(spec),
-        per_seed,
-        cpu,
-        wall,
+        runs,
         (len(queries), len(gallery)),
-        "; ".join(selections),
         epochs=settings.epochs_for(spec),
         image_size=settings.size_for(spec),
-        rotation=rotation,
-        folds=folds,
     )
 
 
@@ -252,11 +254,12 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
     the test. Frozen members are legitimate: they are what the trained members must add to."""
     layout = DataLayout(settings.data_root)
     queries, gallery, truth = _test_sets(layout)
-    per_seed: list[tuple[Scores, Scores]] = []
-    rotation: list[dict[str, Scores]] = []
-    folds: list[list[Scores]] = []  # per seed, each validation fold's scores, fold 0 first
-    cpu = wall = 0.0
-    chosen = []
+    weighting = {
+        "equal": "equal",
+        "tuned": "tuned on validation",
+        "folds": "tuned per validation fold, averaged, shrunk toward equal as the folds chose",
+    }[spec.weighting]
+    runs = _SeedRuns(notes=[f"weights {weighting}; seconds exclude training the members (their rows)"])
     for seed in settings.seeds_for(spec):
         workspaces = {}
         for member in spec.members:
@@ -270,38 +273,21 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         fusion = _Pipeline(workspaces, gallery, spec.weighting, settings, spec.trains)
         options = spec.options(settings.options, seed)
         with clock() as spent:
-            per_seed.append(
+            runs.per_seed.append(
                 _rank_and_score(fusion.sets(options, queries), fusion.weights(options), truth, options)
             )
-        cpu, wall = cpu + spent["cpu"], wall + spent["wall"]
-        folds.append(fusion.fold_validation(options))
+        runs.spend(spent)
+        runs.folds.append(fusion.fold_validation(options))
         tuned = fusion.tuning(options)
         weights_text = ", ".join(f"{m} {w:.2f}" for m, w in sorted(fusion.weights(options).items()))
         if spec.weighting == "folds":
             weights_text += f" (shrunk {fusion.folds(options)[1]:.2f} toward equal)"
         alone = ", ".join(f"{m} {v:.3f}" for m, (v, _) in sorted(tuned.per_model.items()))
-        chosen.append(
-            f"seed {seed}: {weights_text} (val mAP@10 fused {folds[-1][0].overall.map:.3f}; alone {alone})"
-        )
-        console.print(f"fused seed {seed}: {weights_text}; {_scores_text(*per_seed[-1])}")
-        rotation.append(_variant_scores(settings.variants(spec), settings, fusion, options, console))
-    weighting = {
-        "equal": "equal",
-        "tuned": "tuned on validation",
-        "folds": "tuned per validation fold, averaged, shrunk toward equal as the folds chose",
-    }[spec.weighting]
-    note = f"weights {weighting}; seconds exclude training the members (their rows); "
-    return _result(
-        spec,
-        settings.seeds_for(spec),
-        per_seed,
-        cpu,
-        wall,
-        (len(queries), len(gallery)),
-        note + "; ".join(chosen),
-        rotation=rotation,
-        folds=folds,
-    )
+        fused_map = runs.folds[-1][0].overall.map
+        runs.notes.append(f"seed {seed}: {weights_text} (val mAP@10 fused {fused_map:.3f}; alone {alone})")
+        console.print(f"fused seed {seed}: {weights_text}; {_scores_text(*runs.per_seed[-1])}")
+        runs.rotation.append(_variant_scores(settings.variants(spec), settings, fusion, options, console))
+    return _result(spec, settings.seeds_for(spec), runs, (len(queries), len(gallery)))
 
 
 @dataclass
@@ -436,16 +422,12 @@ def _scores_text(protocol: Scores, test_only: Scores) -> str:
 def _result(
     spec: RowSpec,
     seeds: tuple[int, ...],
-    per_seed: list[tuple[Scores, Scores]],
-    cpu: float,
-    wall: float,
+    runs: _SeedRuns,
     sizes: tuple[int, int],
-    note: str,
     epochs: int | str = "-",
     image_size: int | None = None,
-    rotation: list[dict[str, Scores]] | None = None,
-    folds: list[list[Scores]] | None = None,
 ) -> RowResult:
+    per_seed, rotation, folds = runs.per_seed, runs.rotation, runs.folds
     by_variant: dict[str, tuple[float, ...]] = {}
     for variant in rotation[0] if rotation else ():
         by_variant[f"{variant} rank-1"] = tuple(seed[variant].overall.rank1 for seed in rotation)
@@ -460,11 +442,11 @@ def _result(
         image_size=image_size,
         rank1=tuple(protocol.overall.rank1 for protocol, _ in per_seed),
         map10=tuple(protocol.overall.map for protocol, _ in per_seed),
-        cpu_seconds=cpu,
-        wall_seconds=wall,
+        cpu_seconds=runs.cpu,
+        wall_seconds=runs.wall,
         queries=sizes[0],
         gallery=sizes[1],
-        note=note,
+        note="; ".join(runs.notes),
         rank1_test_only=tuple(test_only.overall.rank1 for _, test_only in per_seed),
         map10_test_only=tuple(test_only.overall.map for _, test_only in per_seed),
         rotation=by_variant,
