@@ -45,7 +45,7 @@ class FeatureSet:
     ``features`` is (N, D), or (V, N, D) for V views of each image (rotation TTA: :func:`stack_views`),
     which the search reduces by the best view per pair. ``parts``: how many unit parts the embedding
     concatenates (``model.mgpa.embed_parts``), which self-training maps one by one; ``part_mapped``:
-    whether that map is applied already, so a set is never mapped twice.
+    whether that map is applied, which the ranking checks when its options ask for self-training.
     """
 
     ids: list[str]

@@ -25,7 +25,7 @@ from jdfashion.fusion import (
 )
 from jdfashion.metrics import Scores, evaluate
 from jdfashion.options import RetrievalOptions
-from jdfashion.ranking import model_query_scales, ranked_lists, searched_sides, self_trained
+from jdfashion.ranking import model_query_scales, ranked_lists, require_mapped, searched_sides
 from jdfashion.submission import TOP_K, submission_filename, write_submission
 from jdfashion.workspace import (
     TestAssignment,
@@ -65,9 +65,10 @@ def tune_on_validation(
     """Fusion weights from each model's validation (query, gallery) features, scored as ``options``
     rank: views by their best pair, centring and query augmentation, which act per model before the
     weighted sum (the options that need fused vectors, DBA, QE and k-reciprocal, are not tuned for);
-    with self-training, each model's own map (as :func:`ranked_lists` learns it) comes first."""
-    if options.self_training is not None:
-        sets = {model: self_trained(query, gallery, options) for model, (query, gallery) in sets.items()}
+    with self-training, of features each model's :func:`jdfashion.ranking.self_trained` has mapped."""
+    require_mapped(
+        {m: q for m, (q, _) in sets.items()}, {m: g for m, (_, g) in sets.items()}, list(sets), options
+    )
     queries, gallery = searched_sides(
         {model: pair[0] for model, pair in sets.items()},
         {model: pair[1] for model, pair in sets.items()},

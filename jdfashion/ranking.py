@@ -1,6 +1,10 @@
 """One split's features to ranked lists, with no files or models in sight: centring, query
-augmentation and rotation views per model before the fused search, re-ranking on fused vectors,
-and self-training (:func:`self_trained`) as the one transform applied before any of them."""
+augmentation and rotation views per model before the fused search, re-ranking on fused vectors.
+
+Self-training is a stage of its own before all of them: :func:`self_trained` maps one model's query
+and gallery features once (the workspace applies it where features become "as ranked",
+:meth:`jdfashion.workspace.Workspace.self_trained_once`); the ranking functions rank what they are
+given and refuse features that options say should be mapped and are not."""
 
 from __future__ import annotations
 
@@ -114,13 +118,13 @@ def self_trained(
     Views of a query (rotation TTA) train through the best one and are all mapped.
     The map is learned on ``device``: the commands pass their run's (:meth:`Workspace.run_device`);
     ``None`` is torch's current CUDA device if there is one, else the CPU. Sets already mapped come
-    back as they are; one side mapped and the other not is an error (their scores would compare two
-    different spaces)."""
+    back unchanged without self-training in ``options``; features mapped already are refused (a map
+    learned on mapped features would be applied on top of the first)."""
     settings = options.self_training
-    if query_set.part_mapped != gallery_set.part_mapped:
+    if query_set.part_mapped or gallery_set.part_mapped:
         mapped = "query" if query_set.part_mapped else "gallery"
-        raise ValueError(f"only the {mapped} features are part-mapped: self-train both sides together")
-    if settings is None or query_set.part_mapped:
+        raise ValueError(f"the {mapped} features are part-mapped already: self-train each pair once")
+    if settings is None:
         return query_set, gallery_set
     width = min(settings.negatives + 1, len(gallery_set))
     if width < 2 or not len(query_set):
@@ -143,6 +147,23 @@ def self_trained(
     )
 
 
+def require_mapped(
+    query_sets: dict[str, FeatureSet],
+    gallery_sets: dict[str, FeatureSet],
+    models: Sequence[str],
+    options: RetrievalOptions,
+) -> None:
+    """With self-training on, every model's features must come through :func:`self_trained`."""
+    if options.self_training is None:
+        return
+    unmapped = [m for m in models if not (query_sets[m].part_mapped and gallery_sets[m].part_mapped)]
+    if unmapped:
+        raise ValueError(
+            f"self-training is on but the features of {', '.join(unmapped)} are not mapped: pass each "
+            "model's (query, gallery) through ranking.self_trained (or Workspace.self_trained_once) first"
+        )
+
+
 def ranked_lists(
     query_sets: dict[str, FeatureSet],
     gallery_sets: dict[str, FeatureSet],
@@ -151,12 +172,9 @@ def ranked_lists(
     k: int = TOP_K,
 ) -> dict[str, list[str]]:
     """Fused exact top-k gallery ids per query under ``options`` (see :func:`_ranking`); with
-    self-training, each model is first self-trained on its own ranking (:func:`self_trained`)."""
+    self-training, of features each model's :func:`self_trained` has mapped."""
     models = [name for name, weight in weights.items() if weight > 0]
-    if options.self_training is not None:
-        trained = {m: self_trained(query_sets[m], gallery_sets[m], options) for m in models}
-        query_sets = {m: pair[0] for m, pair in trained.items()}
-        gallery_sets = {m: pair[1] for m, pair in trained.items()}
+    require_mapped(query_sets, gallery_sets, models, options)
     width = min(k, len(gallery_sets[models[0]].ids))
     _, indices = _ranking(query_sets, gallery_sets, weights, options, width)
     query_ids = query_sets[models[0]].ids

@@ -111,7 +111,15 @@ def test_a_map_learned_from_confident_pseudo_labels_lifts_rank1(seed: int) -> No
     assert torch.equal(again, part_map), "seeded: the same map twice"
 
 
-def test_ranked_lists_self_train_each_model_and_fuse() -> None:
+def mapped_sets(
+    queries: dict[str, FeatureSet], gallery: dict[str, FeatureSet], options: RetrievalOptions
+) -> tuple[dict[str, FeatureSet], dict[str, FeatureSet]]:
+    """Each model's pair through its own self-training: the stage before any ranking."""
+    pairs = {m: self_trained(queries[m], gallery[m], options) for m in queries}
+    return {m: pair[0] for m, pair in pairs.items()}, {m: pair[1] for m, pair in pairs.items()}
+
+
+def test_each_model_self_trained_then_fused() -> None:
     (q0, g0, truth), (q1, g1, _) = feature_sets(0), feature_sets(1)
     # Two models of the same images: the second's features are another draw of the same items.
     q1, g1 = dataclasses.replace(q1, ids=q0.ids), dataclasses.replace(g1, ids=g0.ids)
@@ -119,16 +127,13 @@ def test_ranked_lists_self_train_each_model_and_fuse() -> None:
     plain = RetrievalOptions(show_progress=False)
     learned = dataclasses.replace(plain, self_training=FAST)
     before = rank1(ranked_lists(queries, gallery, weights, plain), truth)
-    ranked = ranked_lists(queries, gallery, weights, learned)
+    ranked = ranked_lists(*mapped_sets(queries, gallery, learned), weights, learned)
     assert rank1(ranked, truth) > before + 0.02
-    assert ranked == ranked_lists(queries, gallery, weights, learned)
-    assert ranked != ranked_lists(queries, gallery, weights, plain)
-    # Each model's own self-training, then the ordinary fused search of the mapped features.
-    mapped = {m: self_trained(queries[m], gallery[m], learned) for m in weights}
-    expected = ranked_lists(
-        {m: s[0] for m, s in mapped.items()}, {m: s[1] for m, s in mapped.items()}, weights, plain
-    )
-    assert ranked == expected
+    assert ranked == ranked_lists(*mapped_sets(queries, gallery, learned), weights, learned), "seeded"
+    # The ranking is the ordinary fused search of the mapped features; unmapped ones are refused.
+    assert ranked == ranked_lists(*mapped_sets(queries, gallery, learned), weights, plain)
+    with pytest.raises(ValueError, match="features of a, b are not mapped"):
+        ranked_lists(queries, gallery, weights, learned)
 
 
 def test_self_training_follows_query_views_and_refuses_gallery_views() -> None:
@@ -141,8 +146,8 @@ def test_self_training_follows_query_views_and_refuses_gallery_views() -> None:
     assert mapped_views.features.shape == views.features.shape
     assert torch.allclose(mapped_views.features[1], mapped_queries.features, atol=1e-5)
     assert mapped_gallery.features.shape == gallery.features.shape
-    single = ranked_lists({"m": queries}, {"m": gallery}, {"m": 1.0}, options)
-    assert ranked_lists({"m": views}, {"m": gallery}, {"m": 1.0}, options) == single
+    single = ranked_lists({"m": mapped_queries}, {"m": mapped_gallery}, {"m": 1.0}, options)
+    assert ranked_lists({"m": mapped_views}, {"m": mapped_gallery}, {"m": 1.0}, options) == single
     with pytest.raises(ValueError, match="rotation-side query"):
         RetrievalOptions(self_training=FAST, rotations=(0.0, 90.0), rotation_side="gallery")
     with pytest.raises(ValueError, match="keep"):
@@ -155,7 +160,10 @@ def test_fusion_is_tuned_on_self_trained_features() -> None:
     val = ValidationSet(Category.CLOTHES, refs(q0.ids), refs(g0.ids), truth)
     sets = {"a": (q0, g0), "b": (q1, g1)}
     plain = tune_on_validation(sets, val, RetrievalOptions(show_progress=False))
-    learned = tune_on_validation(sets, val, RetrievalOptions(show_progress=False, self_training=FAST))
+    options = RetrievalOptions(show_progress=False, self_training=FAST)
+    with pytest.raises(ValueError, match="not mapped"):
+        tune_on_validation(sets, val, options)
+    learned = tune_on_validation({m: self_trained(*pair, options) for m, pair in sets.items()}, val, options)
     assert learned.fused_map > plain.fused_map
 
 
@@ -171,9 +179,10 @@ def test_fusion_tuning_scores_what_the_transductive_ranking_ranks(self_training)
     options = RetrievalOptions(
         show_progress=False, centring=0.5, query_augmentation=3, self_training=self_training
     )
-    tuned = tune_on_validation({"a": (q0, g0), "b": (q1, g1)}, val, options)
+    queries, gallery = mapped_sets({"a": q0, "b": q1}, {"a": g0, "b": g1}, options)
+    tuned = tune_on_validation({m: (queries[m], gallery[m]) for m in queries}, val, options)
     assert 0 < min(tuned.weights.values()) < max(tuned.weights.values()) < 1
-    ranked = ranked_lists({"a": q0, "b": q1}, {"a": g0, "b": g1}, tuned.weights, options)
+    ranked = ranked_lists(queries, gallery, tuned.weights, options)
     scores = evaluate(ranked, truth).overall
     assert (scores.map, scores.rank1) == pytest.approx((tuned.fused_map, tuned.fused_rank1), abs=1e-6)
     plain = tune_on_validation({"a": (q0, g0), "b": (q1, g1)}, val, RetrievalOptions(show_progress=False))
@@ -182,7 +191,7 @@ def test_fusion_tuning_scores_what_the_transductive_ranking_ranks(self_training)
 
 def test_a_run_learns_each_map_once_on_its_own_device(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torchrun (a GPU mocked: none here) rank 1 learns on cuda:1; a keyed pair is learned once
-    per options, and mapped sets are never mapped again, by the workspace or by ranked_lists."""
+    per options; mapped sets are ranked as given and never mapped again."""
     devices = []
 
     def recording(anchors: torch.Tensor, *args: object) -> torch.Tensor:
@@ -202,13 +211,14 @@ def test_a_run_learns_each_map_once_on_its_own_device(tmp_path, monkeypatch: pyt
     reseeded = dataclasses.replace(options, self_training=dataclasses.replace(FAST, seed=1))
     workspace.self_trained_once((queries, gallery), reseeded, key=("val", "m"))
     assert len(devices) == 2
-    assert all(again is side for again, side in zip(self_trained(*mapped, options), mapped, strict=True))
+    with pytest.raises(ValueError, match="part-mapped already"):
+        self_trained(*mapped, options)
     plain = RetrievalOptions(show_progress=False)
     assert ranked_lists({"m": mapped[0]}, {"m": mapped[1]}, {"m": 1.0}, options) == ranked_lists(
         {"m": mapped[0]}, {"m": mapped[1]}, {"m": 1.0}, plain
     )
     assert len(devices) == 2
-    with pytest.raises(ValueError, match="only the query features are part-mapped"):
+    with pytest.raises(ValueError, match="the query features are part-mapped already"):
         self_trained(mapped[0], gallery, options)
 
 
