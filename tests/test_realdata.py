@@ -300,7 +300,7 @@ def test_the_default_table_is_self_contained_and_keeps_every_reference() -> None
     fine-tunes (which ship their frozen reference on this protocol) are opt-in."""
     assert set(DEFAULT_ROWS) <= set(ROWS)
     assert {f"{SHORT}-frozen-{branches}" for branches in BRANCH_ROWS} <= set(DEFAULT_ROWS)
-    assert not any(ROWS[name].recipe == "tuned" for name in DEFAULT_ROWS)
+    assert not any(ROWS[name].recipe == "finetune" for name in DEFAULT_ROWS)
     assert {ROWS[name].backbone for name in DEFAULT_ROWS if ROWS[name].kind == "fused"} == {ENSEMBLE}
     for name in DEFAULT_ROWS:
         spec = ROWS[name]

@@ -1,7 +1,8 @@
 """The rows of the Grocery Store table: what each pipeline is, which run by default, and a run's settings.
 
 A row is a ``RowSpec``: the colour histogram, one model (a backbone, a branch set, a recipe: ``frozen``
-= ``train --epochs 0``, the untouched pretrained network; ``tuned`` = the ``finetune`` recipe), or a
+= ``train --epochs 0``, the untouched pretrained network, or ``finetune``, the config recipe; the
+``-tuned-`` rows' names predate that spelling and stay, as the docs cite them), or a
 fusion of other rows' models with equal, tuned or fold-tuned weights; any of the last two may
 self-train on the searched queries (``jdfashion.selftrain``, one seed per run). ``run`` runs them.
 """
@@ -24,7 +25,7 @@ from jdfashion.realdata.settings import RealRun
 from jdfashion.workspace import Workspace
 
 RowKind = Literal["histogram", "model", "fused"]
-Recipe = Literal["frozen", "tuned"]
+Recipe = Literal["frozen", "finetune"]  # epochs 0, or config.RECIPES["finetune"]
 # Fusion weights: equal, tuned on the protocol's validation (fold 0), or tuned per validation fold,
 # averaged and shrunk toward equal by the amount that scored best across folds (``_Pipeline.folds``).
 Weighting = Literal["equal", "tuned", "folds"]
@@ -164,13 +165,13 @@ class RowSpec:
         validation folds 1.. are made of, so only fold 0 validates it)."""
         if self.kind == "fused":
             return any(ROWS[member].trains for member in self.members)
-        return ROWS[self.model_row].trains if self.model_row else self.recipe == "tuned"
+        return ROWS[self.model_row].trains if self.model_row else self.recipe == "finetune"
 
     @property
     def multi_seed(self) -> bool:
         return (
             self.self_training
-            or (self.recipe == "tuned" and self.branches in MULTI_SEED_BRANCHES)
+            or (self.recipe == "finetune" and self.branches in MULTI_SEED_BRANCHES)
             or any(ROWS[member].multi_seed for member in self.members)
         )
 
@@ -202,7 +203,7 @@ def _row_specs() -> dict[str, RowSpec]:
         RowSpec(f"{SHORT}-frozen-{b}-white", "model", BACKBONE, b, whitening="supervised")
         for b in WHITENED_FROZEN
     ]
-    specs += [RowSpec(f"{SHORT}-tuned-{b}", "model", BACKBONE, b, recipe="tuned") for b in TUNED_BRANCHES]
+    specs += [RowSpec(f"{SHORT}-tuned-{b}", "model", BACKBONE, b, recipe="finetune") for b in TUNED_BRANCHES]
     # The same frozen models under test-time options: transductive, self-trained, both.
     for b in SELF_TRAINED_BRANCHES:
         frozen = f"{SHORT}-frozen-{b}"
@@ -301,7 +302,7 @@ ROWS = _row_specs()
 # and its branch-set fusions (the ensemble across backbones supersedes them), and the z-scored
 # ensembles (within 0.001 of raw cosines at equal weights).
 def _runs_by_default(spec: RowSpec) -> bool:
-    if spec.whitening != "none" or spec.recipe == "tuned" or spec.score_normalisation != "none":
+    if spec.whitening != "none" or spec.recipe == "finetune" or spec.score_normalisation != "none":
         return False
     if spec.kind == "fused":
         return spec.backbone == ENSEMBLE
@@ -315,7 +316,7 @@ DEFAULT_ROWS = tuple(
             for name, spec in ROWS.items()
             if _runs_by_default(spec) and all(_runs_by_default(ROWS[member]) for member in spec.members)
         ),
-        key=lambda name: ROWS[name].recipe == "tuned",
+        key=lambda name: ROWS[name].recipe == "finetune",
     )
 )
 
@@ -404,8 +405,8 @@ class RunSettings:
 
 
 def train_config(spec: RowSpec, seed: int, epochs: int, image_size: int) -> TrainConfig:
-    """One row's training run. Frozen rows: ``epochs=0`` (the reference). Tuned rows: the ``finetune``
-    recipe, shipped as the default for pretrained backbones."""
+    """One row's training run. Frozen rows: ``epochs=0`` (the reference). Others: their config recipe
+    (``finetune``, shipped as the default for pretrained backbones)."""
     fields = {
         "backbone": spec.backbone,
         "category": GROCERY_CATEGORY.label,
@@ -422,4 +423,4 @@ def train_config(spec: RowSpec, seed: int, epochs: int, image_size: int) -> Trai
     }
     if spec.recipe == "frozen":
         return TrainConfig(**fields)
-    return recipe_config("finetune", **fields)
+    return recipe_config(spec.recipe, **fields)

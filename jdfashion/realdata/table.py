@@ -22,7 +22,7 @@ class RowResult:
     name: str
     backbone: str
     branches: str
-    recipe: str  # "frozen" / "tuned", plus "+ whitening"; "-" for rows without a model
+    recipe: str  # "frozen" / "finetune", plus "+ whitening"; "-" for rows without a model
     seeds: tuple[int, ...]
     epochs: int | str  # "-" for rows that train nothing
     image_size: int | None
