@@ -267,8 +267,10 @@ def summary_rows(
     outcomes: dict[str, list[tuple[dict[str, Any], float]]], baseline: str
 ) -> list[dict[str, Any]]:
     """Median images/s per variant and its range; the ratio to the baseline is the median of the
-    per-round ratios (each against the baseline's run in the same round)."""
+    per-round ratios (each against the baseline's run in the same round); peak RSS is the largest over
+    the rounds, also as a ratio to the baseline's."""
     baseline_rates = [result["images"] / result["seconds"] for result, _ in outcomes[baseline]]
+    baseline_rss = max(peak_rss for _, peak_rss in outcomes[baseline])
     rows = []
     for label, runs in outcomes.items():
         rates = [result["images"] / result["seconds"] for result, _ in runs]
@@ -284,6 +286,7 @@ def summary_rows(
                 ),
                 "dim": runs[0][0]["dim"],
                 "peak_rss_mib": max(peak_rss for _, peak_rss in runs),
+                "rss_vs_plain_loop": max(peak_rss for _, peak_rss in runs) / baseline_rss,
             }
         )
     return rows
@@ -342,6 +345,7 @@ def main() -> None:
         Column("vs_plain_loop", "rate / plain timm loop", ".2f"),
         Column("dim", "feature dim"),
         Column("peak_rss_mib", "peak RSS MiB", ",.0f"),
+        Column("rss_vs_plain_loop", "peak RSS / plain timm loop", ".2f"),
     ]
     notes = [
         f"{args.repeats} interleaved round(s) of every variant, each round starting one variant later; "
