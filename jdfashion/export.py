@@ -17,12 +17,13 @@ file serves the model's own input size, which is what extraction feeds it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,9 +46,9 @@ OPSET = 18
 # ONNX Runtime and PyTorch differ in summation order only: 1 - cosine is ~1e-7 on real photos.
 MIN_COSINE = 0.9999
 # int8 is judged by retrieval, not by cosine: kept while validation mAP@10 is at most this far below
-# the fp32 file's. The cosine floor only catches a broken quantization.
+# the fp32 file's. The cosine floor only catches a broken quantization (fine int8 files measured 0.95-0.98).
 INT8_MAP_TOLERANCE = 0.01
-INT8_MIN_COSINE = 0.95
+INT8_MIN_COSINE = 0.8
 INPUT_NAME = "images"
 CHECK_IMAGES = 8  # real photos of the model's own validation split, run through both at export
 CALIBRATION_IMAGES = 64  # training photos whose activation ranges fix the int8 scales
@@ -309,7 +310,7 @@ def quantize_onnx(trained: TrainedModel, calibration: torch.Tensor, check_images
             return next(self.batches, None)
 
     def write(target: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="jdfashion-int8-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="jdfashion-int8-") as scratch, _quiet_root_logger():
             prepared = Path(scratch) / "prepared.onnx"
             # symbolic shape inference fails on the exporter's Expand nodes; ONNX's own suffices
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
@@ -325,6 +326,19 @@ def quantize_onnx(trained: TrainedModel, calibration: torch.Tensor, check_images
 
     description = f"int8 static QDQ, per-channel weights, {len(calibration)} calibration photos"
     return _write_checked(trained, "onnxruntime-int8", write, check_images, INT8_MIN_COSINE, description)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantizer warns on the root logger about every 1-D weight it leaves in float
+    (BatchNorm scales): expected here, and noise on a user's terminal."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def open_session(
