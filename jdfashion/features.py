@@ -76,7 +76,7 @@ def embedding_parts(trained: TrainedModel, head: Head) -> int:
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def batch_forward(trained: TrainedModel, head: Head, runtime: Runtime) -> Forward:
+def batch_forward(trained: TrainedModel, head: Head, runtime: Runtime, device: torch.device) -> Forward:
     """One preprocessed batch -> unit embeddings or class probabilities, by PyTorch or by the
     model's ONNX export (:mod:`jdfashion.export`; embeddings only: the router stays in PyTorch)."""
     if head == "probabilities":
@@ -84,7 +84,7 @@ def batch_forward(trained: TrainedModel, head: Head, runtime: Runtime) -> Forwar
     if runtime != "torch":
         from jdfashion.export import OnnxRuntimeModel
 
-        return OnnxRuntimeModel(trained, next(trained.model.parameters()).device, runtime)
+        return OnnxRuntimeModel(trained, device, runtime)
     return lambda batch: trained.model(batch).float()
 
 
@@ -159,11 +159,14 @@ def iterate_outputs(
         collate_fn=collate,
         pin_memory=use_cuda,
     )
-    forward = batch_forward(trained, options.head, options.runtime)
-    layout = torch.channels_last if options.runtime == "torch" else torch.contiguous_format
-    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=use_cuda and options.runtime == "torch")
+    forward = batch_forward(trained, options.head, options.runtime, device)
+    # The PyTorch model's layout and AMP; an export runs as ONNX Runtime laid it out.
+    in_torch = options.runtime == "torch"
+    layout = torch.channels_last if in_torch else torch.contiguous_format
+    model_layout = _channels_last(trained.model) if in_torch else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=use_cuda and in_torch)
     progress = make_progress({"rate": "{rate:.1f} img/s"}, disable=not options.show_progress)
-    with progress, _channels_last(trained.model), torch.inference_mode(), autocast:
+    with progress, model_layout, torch.inference_mode(), autocast:
         task = progress.add_task(description, total=len(refs), rate=0.0)
         started = time.perf_counter()
         done = 0

@@ -135,6 +135,12 @@ def fixing_command(path: Path) -> str | None:
         return f"jdfashion data import-manifest YOUR.csv --out {path.parent}"
     if path.name == FUSION_FILE:
         return f"jdfashion fuse --tune --weights-root {path.parent}"
+    exported = {name: name for name in (MODEL_ONNX, MODEL_ONNX_INT8)}
+    exported.update({f"{name}.json": name for name in exported})
+    if path.name in exported and len(parts) >= 3:  # written by export, for a trained model
+        task, backbone, root = path.parent.parent.name, path.parent.name, path.parent.parent.parent
+        int8 = " --int8" if exported[path.name] == MODEL_ONNX_INT8 else ""
+        return f"jdfashion export --backbone {backbone} --category {task} --weights-root {root}{int8}"
     if path.name in (MODEL_WEIGHTS, MODEL_CONFIG) and len(parts) >= 3:
         task, backbone, root = path.parent.parent.name, path.parent.name, path.parent.parent.parent
         if task == ROUTER:
