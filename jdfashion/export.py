@@ -184,7 +184,7 @@ def ensure_exported(
     """Export the model for ``runtime`` unless a current export is there (what was written, if
     anything); an int8 file is kept whatever validation says, for a caller that measures it."""
     try:
-        current_info(workspace.trained(category, backbone), runtime)
+        checked_export(workspace.trained(category, backbone), runtime)
         return []
     except (FileNotFoundError, ValueError):
         int8 = runtime == "onnxruntime-int8"
