@@ -11,7 +11,15 @@ import pytest
 from jdfashion.model.backbones import BACKBONE_PRESETS, PACKAGED_BACKBONES
 from jdfashion.options import RetrievalOptions
 from jdfashion.realdata.protocol import Protocol
-from jdfashion.realdata.rows import DEFAULT_ROWS, ENSEMBLE, ROWS, SHORT_NAMES, RunSettings
+from jdfashion.realdata.rows import (
+    DEFAULT_ROWS,
+    ENSEMBLE,
+    NATIVE,
+    ROWS,
+    SHORT_NAMES,
+    RunSettings,
+    train_config,
+)
 from jdfashion.realdata.settings import RealRun
 from jdfashion.realdata.table import RealDataReport, RowResult
 
@@ -55,6 +63,25 @@ def test_ensemble_rows_fuse_one_model_per_backbone_with_each_weighting_and_norma
         # Frozen members are deterministic: the frozen fusions run once, the self-trained ones per seed.
         assert SETTINGS.seeds_for(spec) == ((0, 1) if level == "best" else (0,))
         assert (spec.name in DEFAULT_ROWS) == (spec.score_normalisation == "none")
+
+
+def test_native_rows_keep_the_last_stride_and_fuse_only_native_members() -> None:
+    """The ``-native`` rows are their frozen rows with one change, the backbone's own last stride, so the
+    table's pair of rows (and of fusions) measures that change alone."""
+    for short in SHORT_NAMES.values():
+        native, removed = ROWS[f"{short}-frozen-horizontal-{NATIVE}"], ROWS[f"{short}-frozen-horizontal"]
+        configs = [train_config(spec, 0, 0, SETTINGS.size_for(spec)) for spec in (native, removed)]
+        assert not configs[0].last_stride_one and configs[1].last_stride_one
+        assert dataclasses.replace(configs[0], last_stride_one=True) == configs[1]
+        assert "native last stride" in native.label and "native" not in removed.label
+    fused = [
+        spec for name, spec in ROWS.items() if name.startswith(f"fused-frozen-{NATIVE}-horizontal-{ENSEMBLE}")
+    ]
+    assert {spec.weighting for spec in fused} == {"equal", "tuned", "folds"}
+    for spec in fused:
+        assert not any(ROWS[member].last_stride_one for member in spec.members)
+        assert sorted(ROWS[member].backbone for member in spec.members) == sorted(PACKAGED_BACKBONES)
+        assert spec.name in DEFAULT_ROWS and not spec.trains
 
 
 def result(name: str, val_map: float, test_rank1: float, folds_map: float) -> RowResult:

@@ -36,6 +36,8 @@ SHORT = SHORT_NAMES[BACKBONE]
 # The other backbones' rows: the frozen branch sets that lead on Lite0, and its best pipeline.
 OTHER_BACKBONE_BRANCHES = ("horizontal", "all")
 ENSEMBLE = "+".join(SHORT_NAMES.values())
+# The suffix of the frozen rows that keep each network's last stride (RowSpec.last_stride_one).
+NATIVE = "native"
 BRANCH_ROWS = ("global", "horizontal", "vertical", "annular", "all")
 WHITENED_FROZEN = ("global", "horizontal", "all")
 TUNED_BRANCHES = ("global", "horizontal", "all")
@@ -158,6 +160,10 @@ class RowSpec:
     weighting: Weighting = "tuned"
     score_normalisation: ScoreNormalisation = "none"
     runtime: Runtime = "torch"  # model rows: extracted through the model's ONNX export instead
+    # False keeps the backbone's own last stride (the ``-native`` rows): a frozen network then sees its
+    # last stage at the scale it was trained at, where removing the stride (PCB's finer maps) is what
+    # training and self-training build on.
+    last_stride_one: bool = True
 
     @property
     def trains(self) -> bool:
@@ -187,7 +193,8 @@ class RowSpec:
             return f"fused ({self.weighting}{normalised}): " + " + ".join(self.members) + learned
         whitened = " + whitening" if self.whitening != "none" else ""
         runtime = "" if self.runtime == "torch" else f", extracted by {self.runtime}"
-        return self.recipe + whitened + learned + runtime
+        native = "" if self.last_stride_one else ", native last stride"
+        return self.recipe + native + whitened + learned + runtime
 
     def options(self, base: RetrievalOptions, seed: int) -> RetrievalOptions:
         """The retrieval options of this row's ``seed``: self-training seeded by it, if on."""
@@ -249,6 +256,10 @@ def _row_specs() -> dict[str, RowSpec]:
                 transductive=True,
             )
         )
+    specs += [
+        RowSpec(f"{short}-frozen-horizontal-{NATIVE}", "model", backbone, "horizontal", last_stride_one=False)
+        for backbone, short in SHORT_NAMES.items()
+    ]
     specs += _ensemble_specs()
     specs.append(RowSpec("fused", "fused", BACKBONE, "", members=FUSED_MEMBERS))
     specs.append(
@@ -268,11 +279,17 @@ def _row_specs() -> dict[str, RowSpec]:
 def _ensemble_specs() -> list[RowSpec]:
     """Fusion across the packaged backbones, frozen and through the best pipeline, with equal weights,
     weights tuned on validation and on the folds, each with raw and z-scored cosines: what tuning and
-    normalisation buy, side by side."""
+    normalisation buy, side by side; and the frozen networks at their native last stride, raw cosines."""
     members = tuple(f"{short}-frozen-horizontal" for short in SHORT_NAMES.values())
+    native = tuple(f"{member}-{NATIVE}" for member in members)
+    levels = (
+        ("frozen", members, {}, ("none", "zscore")),
+        ("best", members, {"self_training": True, "transductive": True}, ("none", "zscore")),
+        (f"frozen-{NATIVE}", native, {}, ("none",)),
+    )
     specs = []
-    for level, learned in (("frozen", {}), ("best", {"self_training": True, "transductive": True})):
-        for normalisation, weighting in itertools.product(("none", "zscore"), ("equal", "tuned", "folds")):
+    for level, level_members, learned, normalisations in levels:
+        for normalisation, weighting in itertools.product(normalisations, ("equal", "tuned", "folds")):
             suffix = "" if normalisation == "none" else f"-{normalisation}"
             specs.append(
                 RowSpec(
@@ -280,7 +297,7 @@ def _ensemble_specs() -> list[RowSpec]:
                     "fused",
                     ENSEMBLE,
                     "horizontal",
-                    members=members,
+                    members=level_members,
                     weighting=weighting,
                     score_normalisation=normalisation,
                     **learned,
@@ -293,14 +310,15 @@ ROWS = _row_specs()
 
 
 # What `bench real` runs without --rows: every frozen branch set of Lite0 with its transductive twin,
-# the frozen horizontal and all rows of Lite1 and Lite2, each backbone's best pipeline (self-trained
-# horizontal + transductive, and Lite0's self-trained horizontal alone), and the ensemble of the three
-# frozen horizontal networks, frozen and through the best pipeline, with equal, tuned and fold-tuned
-# weights. Left to --rows (docs/REALDATA.md says what each measured): the fine-tunes (on this protocol
-# the default one ships its frozen reference, so its row repeats lite0-frozen-horizontal, for 22-50
-# min), the whitened rows (below their frozen rows on the test), Lite0's other self-trained branch sets
-# and its branch-set fusions (the ensemble across backbones supersedes them), and the z-scored
-# ensembles (within 0.001 of raw cosines at equal weights).
+# the frozen horizontal and all rows of Lite1 and Lite2, each backbone's frozen horizontal row at its
+# native last stride, each backbone's best pipeline (self-trained horizontal + transductive, and Lite0's
+# self-trained horizontal alone), and the ensemble of the three frozen horizontal networks, frozen (at
+# both strides) and through the best pipeline, with equal, tuned and fold-tuned weights. Left to
+# --rows (docs/REALDATA.md says what each measured): the fine-tunes (on this protocol the default one
+# ships its frozen reference, so its row repeats lite0-frozen-horizontal, for 22-50 min), the whitened
+# rows (below their frozen rows on the test), Lite0's other self-trained branch sets and its branch-set
+# fusions (the ensemble across backbones supersedes them), and the z-scored ensembles (within 0.001 of
+# raw cosines at equal weights).
 def _runs_by_default(spec: RowSpec) -> bool:
     if spec.whitening != "none" or spec.recipe == "finetune" or spec.score_normalisation != "none":
         return False
@@ -420,6 +438,7 @@ def train_config(spec: RowSpec, seed: int, epochs: int, image_size: int) -> Trai
         "seed": seed,
         "num_workers": LOADER_WORKERS,
         "whitening": spec.whitening,
+        "last_stride_one": spec.last_stride_one,
     }
     if spec.recipe == "frozen":
         return TrainConfig(**fields)
