@@ -116,16 +116,21 @@ def outcome(started: float, preparing: float, top: np.ndarray) -> dict[str, Any]
 
 
 def timed(function: Callable[..., Any], log: list[dict[str, Any]], **recorded: Any) -> Callable[..., Any]:
-    """``function``, appending its seconds and ``recorded`` (name: how to read it from the arguments)."""
+    """``function``, appending its seconds and ``recorded`` (name: how to read it from the arguments
+    and the result)."""
 
     def wrapper(*args: Any) -> Any:
         started = time.perf_counter()
         result = function(*args)
-        entry = {name: read(args) for name, read in recorded.items()}
-        log.append({**entry, "seconds": time.perf_counter() - started})
+        seconds = time.perf_counter() - started
+        log.append({**{name: read(args, result) for name, read in recorded.items()}, "seconds": seconds})
         return result
 
     return wrapper
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def timed_fused_search(
@@ -138,11 +143,16 @@ def timed_fused_search(
     search_module._candidates = timed(
         search_module._candidates,
         passes,
-        precision=lambda a: str(a[-1]).removeprefix("torch."),
-        queries=lambda a: len(a[1]),
+        precision=lambda a, _: dtype_name(a[-1]),
+        queries=lambda a, _: len(a[1]),
+        width=lambda a, _: a[3],
+        delta=lambda a, result: error_bound(a[0], a[-1], result[2]).absolute,
     )
-    search_module._exact_scores = timed(
-        search_module._exact_scores, rescores, pairs=lambda a: int(a[3].sum())
+    search_module._rescore = timed(
+        search_module._rescore,
+        rescores,
+        precision=lambda a, _: dtype_name(a[-1]),
+        pairs=lambda a, _: int(a[3].sum()),
     )
     rates = product_rates(torch.device("cpu"), torch.get_num_threads())
     started = time.perf_counter()
@@ -150,9 +160,8 @@ def timed_fused_search(
     return {
         **result,
         "passes": passes,
-        "rescore_seconds": sum(entry["seconds"] for entry in rescores),
-        "rescored_pairs": sum(entry["pairs"] for entry in rescores),
-        "probe_gflops": {str(dtype).removeprefix("torch."): rate for dtype, rate in rates.items()},
+        "rescores": rescores,
+        "probe_gflops": {dtype_name(dtype): rate for dtype, rate in rates.items()},
     }
 
 
@@ -311,33 +320,40 @@ def fused_score_spread(paths: tuple[Path, Path], queries: int = 50, gallery: int
 
 
 def where_time_went(outcomes: dict[str, Any], size: SearchSize, spread: float) -> list[str]:
-    """A note per jdfashion variant: its candidate passes (precision, queries, seconds) and re-scores,
-    and what ``auto`` measured and chose; then the certified windows that decide the choice."""
+    """A note per jdfashion variant: its candidate passes (precision, queries, kept candidates, certified
+    delta, seconds) and re-scores (precision, pairs, seconds); then what ``auto`` measured and chose,
+    and the windows that decide whether a pass certifies."""
     lines = []
     for key in ("jdfashion", "fp32", "bf16", "views"):
         result = outcomes[key][0]
-        passes = "; ".join(
-            f"{entry['precision']} pass over {entry['queries']} queries {entry['seconds']:.2f} s"
+        steps = [
+            f"{entry['precision']} pass over {entry['queries']} queries keeping {entry['width']} "
+            f"(delta {entry['delta']:.2g}) {entry['seconds']:.2f} s"
             for entry in result["passes"]
-        )
-        lines.append(
-            f"Where the time went, {key}: {passes}; float64 re-score of {result['rescored_pairs']:,} pairs "
-            f"({result['rescored_pairs'] / size.queries:.1f} per query) {result['rescore_seconds']:.2f} s."
-        )
+        ] + [
+            f"{entry['precision']} re-score of {entry['pairs']:,} pairs ({entry['pairs'] / size.queries:.1f} "
+            f"per query) {entry['seconds']:.2f} s"
+            for entry in result["rescores"]
+        ]
+        lines.append(f"Where the time went, {key}: " + "; ".join(steps) + ".")
     probe = outcomes["jdfashion"][0]["probe_gflops"]
     first = outcomes["jdfashion"][0]["passes"][0]
     members = [Member(np.empty((1, size.dim)), np.empty((1, size.dim)), w) for w in WEIGHTS.values()]
-    bounds = {str(t).removeprefix("torch."): error_bound(members, t) for t in (torch.float32, torch.bfloat16)}
+    a_priori = {dtype_name(t): error_bound(members, t).absolute for t in (torch.float32, torch.bfloat16)}
+    measured = next(e["delta"] for e in outcomes["bf16"][0]["passes"] if e["precision"] == "bfloat16")
     lines.append(
         "precision auto measured its products at "
         + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in probe.items())
         + f" ({RATE_PROBE_ROWS}x{RATE_PROBE_DIM} blocks); its first pass was {first['precision']} over "
         f"{first['queries']} queries (a pilot, when bf16 measured faster). A pass certifies a query when "
-        "fewer than k + margin candidates score within 2 delta of its k-th; here delta = "
-        + ", ".join(f"{bound:.2g} ({name})" for name, bound in bounds.items())
-        + f"; the fused scores of unrelated pairs here have a standard deviation of {spread:.4f}, so the "
-        f"bf16 window (4 delta) spans {4 * bounds['bfloat16'] / spread:.1f} of them, the fp32 one "
-        f"{4 * bounds['float32'] / spread:.2f}."
+        "fewer than the candidates it keeps score within about 2 delta of its k-th (delta: the bound on "
+        "any pair's error, plus its output rounding relative to the score); a bf16 pass measures how far "
+        "rounding moved its rows: delta "
+        f"{measured:.2g} here, against {a_priori['bfloat16']:.2g} from bf16's unit roundoff alone and "
+        f"{a_priori['float32']:.2g} for fp32. The fused scores of unrelated pairs here have a standard "
+        f"deviation of {spread:.4f}, so the bf16 window spans {2 * measured / spread:.2f} of them "
+        f"({2 * a_priori['bfloat16'] / spread:.2f} a priori), the fp32 one "
+        f"{2 * a_priori['float32'] / spread:.2f}."
     )
     return lines
 

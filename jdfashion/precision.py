@@ -3,10 +3,11 @@
 :mod:`jdfashion.search` certifies a low-precision pass with :func:`error_bound`. ``precision="auto"``
 weighs speed against that certificate: the device's fp32 and low-precision products are measured
 once per process (:func:`product_rates`; CPU flags do not say how fast torch uses the units: bf16
-ran at 4x fp32 on a 2-core AMD EPYC with AVX512-BF16, at 0.3x on an Intel Xeon without), and where
-the low precision is faster, the search's pilot shows the share of queries it certifies, since a
-bf16 delta (about 0.02 of a unit weight) swamps features whose scores crowd together;
-:func:`choose_precision` takes it only where pass plus re-searches beat fp32.
+ran at 2.2x to 4x fp32 on 2-core AMD EPYCs with AVX512-BF16, at 0.3x on an Intel Xeon without), and
+where the low precision is faster, the search's pilot shows the share of queries it certifies, since
+a bf16 delta (0.0047 of a unit weight measured on the search benchmark's rows, 0.0093 from bf16's unit
+roundoff alone) can swamp features whose scores crowd together; :func:`choose_precision` takes it
+only where pass plus re-searches beat fp32.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import time
 import typing
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -108,29 +110,71 @@ def candidate_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def error_bound(members: Sequence[Member], dtype: torch.dtype) -> float:
-    """An upper bound on |approximate - exact| fused score of any pair in a ``dtype`` pass.
+@dataclass(frozen=True)
+class Rounding:
+    """How far rounding a pass's rows to its precision moved them, measured on the rows themselves
+    (:func:`jdfashion.search._side_by_side`): the largest sum over members of a query row's
+    ||fp32 - rounded|| (the rows carry their weights), and the largest such sum over a gallery
+    row's members, each weighted by the member's largest weight. Zero where the pass is exact."""
+
+    query: float
+    gallery: float
+
+
+@dataclass(frozen=True)
+class ErrorBound:
+    """|approximate - exact| <= absolute + relative * |approximate| for every pair of a pass; the
+    relative part is the rounding of the product's output to the pass's precision, which costs a
+    score near 0.1 a tenth of what a bound relative to the largest possible score would."""
+
+    absolute: float
+    relative: float
+
+    def lowest_kept(self, kth: torch.Tensor) -> torch.Tensor:
+        """The lowest approximate score whose pair may still be in the top k, given the approximate
+        k-th scores: below it a pair's highest possible exact score is under the k-th's lowest."""
+        lowest_kth = kth - self.absolute - self.relative * kth.abs()
+        reach = lowest_kth - self.absolute
+        return torch.where(reach >= 0, reach / (1 + self.relative), reach / (1 - self.relative))
+
+
+def error_bound(
+    members: Sequence[Member], dtype: torch.dtype, rounding: Rounding | None = None
+) -> ErrorBound:
+    """A bound on |approximate - exact| fused score of any pair in a ``dtype`` pass.
 
     Per member, with unit roundoffs u (``dtype``), u_n (the normalisation: fp32, or fp64 in a fp64
-    pass) and u_a (accumulation: fp32, or fp64): query rows carry relative error e_q <= 4 u_n + 2 u
-    (normalising, scaling by the weight, rounding to ``dtype``), gallery rows e_g <= 3 u_n + u, so by
-    Cauchy-Schwarz the product of unit rows is off by at most e_q + e_g + e_q e_g; the members sit side
-    by side in one product (:func:`_side_by_side`), and summing its n = sum D products in any order
-    adds gamma_n = n u_a / (1 - n u_a) of the sum of their magnitudes (Higham, Accuracy and Stability,
-    3.1), at most the weight per member; the output is rounded to ``dtype`` (u). u_a per member and
-    5 % on top are slack for the constants' own rounding.
+    pass) and u_a (accumulation: fp32, or fp64): a row's norm, a sum of D squares then a square
+    root, is off by at most (D / 2 + 1) u_n of itself, so the computed unit query rows Q (divided,
+    then weighted) are off the exact ones by at most (D / 2 + 4) u_n of their norm, gallery rows G
+    by (D / 2 + 3) u_n (D: the widest member's). Rounding them to
+    ``dtype`` leaves residuals r_q = Q - Q', r_g = G - G', and Q'.G' - Q.G = -r_q.G' - Q.r_g, so by
+    Cauchy-Schwarz the pair is off by at most ||r_q|| ||G'|| + ||Q|| ||r_g||, summed over members:
+    ``rounding`` gives the largest such sums measured on the actual rows (a unit row rounded to bf16
+    moves by about 0.0016, against the 2^-8 = 0.0039 that u allows); without it, the a-priori u of
+    each row's norm. The members sit side by side in one product (:func:`_side_by_side`), and
+    summing its n = sum D products in any order adds gamma_n = n u_a / (1 - n u_a) of the sum of
+    their magnitudes (Higham, Accuracy and Stability, 3.1), at most the weight per member; the
+    output is rounded to ``dtype``: u / (1 - u) of the approximate score, the relative part (plus
+    half a subnormal step, for fp16's underflow). Residual norms are computed in the normalisation
+    precision, n u_n of slack; u_a per member and 5 % on top are slack for the constants' own
+    rounding.
     """
     u = UNIT_ROUNDOFF[dtype]
     u_n = u_a = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
     dim = sum(member.queries.shape[-1] for member in members)
     gamma = dim * u_a / (1 - dim * u_a)
-    total = 0.0
-    for member in members:
-        e_q, e_g = 4 * u_n + 2 * u, 3 * u_n + u
-        growth = (1 + e_q) * (1 + e_g)
-        total += member.largest_weight * ((e_q + e_g + e_q * e_g) + gamma * growth + u * growth * (1 + gamma))
     weights = sum(member.largest_weight for member in members)
-    return 1.05 * (total + len(members) * u_a * 1.1 * weights)
+    norm = (max(member.queries.shape[-1] for member in members) / 2 + 1) * u_n
+    e_q, e_g = norm + 3 * u_n, norm + 2 * u_n
+    if rounding is None:
+        rounding = Rounding(query=u * (1 + e_q) * weights, gallery=u * (1 + e_g) * weights)
+    normalising = weights * (e_q + e_g + e_q * e_g)
+    rounded = (1 + dim * u_n) * (rounding.query * (1 + e_g) * (1 + u) + rounding.gallery * (1 + e_q))
+    accumulation = gamma * weights * ((1 + e_q) * (1 + e_g) * (1 + u) ** 2)
+    underflow = torch.finfo(dtype).tiny * u
+    absolute = normalising + rounded + accumulation + underflow + len(members) * u_a * 1.1 * weights
+    return ErrorBound(absolute=1.05 * absolute, relative=1.05 * u / (1 - u))
 
 
 @contextlib.contextmanager

@@ -16,15 +16,16 @@ Two passes make it fast and exact:
 2. **Exact re-score** of those candidates in float64, ranked best first with equal scores ordered by
    the lower gallery index.
 
-The answer is certified per query: the pass's error on any pair is at most a bound ``delta`` derived
-from the precision's unit roundoff and the dimensions (:func:`jdfashion.precision.error_bound`:
-rounding of the unit rows, fp32 accumulation, rounding of the output), so every true top-k item
-scores within ``2 delta`` of the approximate k-th score; only that window is re-scored (for fp32
-candidates usually a few items past k). When the candidate list reaches below the window, nothing left out can
-enter the top-k, and the top-k equals a float64 search. Queries where it does not (more than
-``margin`` near-ties) are searched again in the next precision (fp32, then float64, exact by
-construction). So the result never depends on the precision, the chunk sizes, or torch.topk's
-order among equal values.
+The answer is certified per query: the pass's error on any pair is at most a bound ``delta``
+(:func:`jdfashion.precision.error_bound`: how far rounding to the pass's precision moved the unit
+rows, measured on the rows as they are converted; fp32 accumulation; the output's rounding,
+relative to the score), so every true top-k item scores within about ``2 delta`` of the approximate
+k-th score; only that window is re-scored (for fp32 candidates usually a few items past k; a bf16
+window, about 5x wider, is first narrowed by fp32 scores of its items). When the candidate list
+reaches below the window, nothing left out can enter the top-k, and the top-k equals a float64
+search. Queries where it does not (more than ``margin`` near-ties) are searched again in the next
+precision (fp32, then float64, exact by construction). So the result never depends on the
+precision, the chunk sizes, or torch.topk's order among equal values.
 
 ``precision="auto"`` weighs speed against that certificate (:mod:`jdfashion.precision`): where the
 device's low precision measures faster than fp32, a pilot of ``PILOT_QUERIES`` queries shows the
@@ -47,6 +48,7 @@ products but never a (V, Q, G) matrix.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -57,7 +59,10 @@ import numpy as np
 import torch
 
 from jdfashion.precision import (
+    LOW,
     NEXT_PRECISION,
+    ErrorBound,
+    Rounding,
     auto_dtype,
     candidate_dtype,
     error_bound,
@@ -70,7 +75,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ELEMENTS = 8192 * 4096
 DEFAULT_QUERY_CHUNK_SIZE = 1024
-DEFAULT_MARGIN = 32
+# Candidates kept past k: a bf16 or fp16 pass's certified window is about 5x an fp32 one's (its rows'
+# rounding, measured: 0.0047 of a unit weight against fp32's 0.001, mostly the fp32 sums' bound), so
+# on crowded scores (the search benchmark's) it holds about 90-250 items where fp32's holds 17.
+DEFAULT_MARGIN = {torch.float64: 32, torch.float32: 32, torch.bfloat16: 256, torch.float16: 256}
 PILOT_QUERIES = 64  # queries a low-precision pilot searches before precision="auto" chooses
 RESCORE_ROWS = 256  # gathered rows per re-score step: 8 MB of fp64 at D = 4096, reused by malloc, where
 # 268 MB blocks (8192 rows) went back to the OS and faulted in again each step, 5x slower here
@@ -127,22 +135,28 @@ def rank_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return values.gather(1, by_value), columns.gather(1, by_value)
 
 
-def unit_rows(
-    features: Features, rows: np.ndarray, device: torch.device, what: str, dtype: torch.dtype = torch.float32
+def copied_rows(
+    features: Features, rows: np.ndarray, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``features[rows]`` as unit rows (fp32 or fp64) on ``device``; a non-finite row is an error."""
+    """A fresh copy of ``features[rows]`` in ``dtype`` on ``device``."""
     # Increasing row numbers without gaps (every ungrouped search) are read as a slice: no gather copy.
     contiguous = len(rows) > 0 and bool((np.diff(rows) == 1).all())
     index = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
     if isinstance(features, torch.Tensor):
         selected = features[index if contiguous else torch.from_numpy(rows).to(features.device)]
-        block = selected.to(device=device, dtype=dtype, copy=True)
-    else:  # torch converts fp16 about twice as fast as numpy's astype; a slice needs no gather copy
-        selected = features[index]
-        if not selected.flags.writeable:  # torch refuses to wrap read-only (memory-mapped) arrays
-            selected = np.array(selected)
-        block = torch.from_numpy(selected).to(device=device, dtype=dtype, copy=True)
-    # ``block`` is a fresh copy, so normalising in place touches no caller data.
+        return selected.to(device=device, dtype=dtype, copy=True)
+    # torch converts fp16 about twice as fast as numpy's astype; a slice needs no gather copy
+    selected = features[index]
+    if not selected.flags.writeable:  # torch refuses to wrap read-only (memory-mapped) arrays
+        selected = np.array(selected)
+    return torch.from_numpy(selected).to(device=device, dtype=dtype, copy=True)
+
+
+def unit_rows(
+    features: Features, rows: np.ndarray, device: torch.device, what: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``features[rows]`` as unit rows (fp32 or fp64) on ``device``; a non-finite row is an error."""
+    block = copied_rows(features, rows, device, dtype)  # a fresh copy: normalised in place
     norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
     finite = torch.isfinite(norms).squeeze(1)
     if not bool(finite.all()):
@@ -180,7 +194,12 @@ class Walk:
     chunk_size: int
     query_chunk_size: int
     device: torch.device
-    margin: int
+    margin: int | None  # None: DEFAULT_MARGIN of each pass's precision
+
+    def width(self, k: int, gallery_size: int, dtype: torch.dtype) -> int:
+        """How many candidates per query a ``dtype`` pass keeps."""
+        margin = DEFAULT_MARGIN[dtype] if self.margin is None else self.margin
+        return min(gallery_size, k + margin)
 
 
 def _side_by_side(
@@ -189,11 +208,12 @@ def _side_by_side(
     device: torch.device,
     what: str,
     out: torch.Tensor,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``rows`` of every member's features side by side in ``out[:len(rows)]``, (rows, sum D) in the
     pass's dtype: each member's unit rows (normalised in fp32, or fp64 for a fp64 pass) times its
     ``scale(rows)`` (a number, or a column per row). One product of two such blocks is the weighted
-    fused score of every pair.
+    fused score of every pair. Also, where the pass's dtype rounds them, each row's residual norm
+    per member, (rows, members): what :class:`jdfashion.precision.Rounding` bounds the pass by.
 
     ``out`` is reused chunk after chunk: a fresh 100 MB block costs more in page faults than the
     conversion. On a CPU the rows are converted ``CONVERT_ROWS`` at a time, so the fp32 copy stays
@@ -201,11 +221,13 @@ def _side_by_side(
     """
     normalise = torch.float64 if out.dtype == torch.float64 else torch.float32
     out = out[: len(rows)]
+    rounds = out.dtype != normalise
+    residuals = torch.empty((len(rows), len(parts)), dtype=normalise, device=device) if rounds else None
     step = CONVERT_ROWS if device.type == "cpu" else max(1, len(rows))
     for start in range(0, len(rows), step):
         block_rows = rows[start : start + step]
         column = 0
-        for features, scale in parts:
+        for index, (features, scale) in enumerate(parts):
             block = unit_rows(features, block_rows, device, what, normalise)
             factor = scale(block_rows)
             if isinstance(factor, torch.Tensor):
@@ -213,9 +235,13 @@ def _side_by_side(
             elif factor != 1.0:
                 block.mul_(factor)
             dim = features.shape[-1]
-            out[start : start + len(block_rows), column : column + dim] = block
+            rounded = out[start : start + len(block_rows), column : column + dim]
+            rounded.copy_(block)
+            if residuals is not None:  # the difference of a number and its rounding is exact in fp32
+                residual = block.sub_(rounded.to(normalise))
+                residuals[start : start + len(block_rows), index] = torch.linalg.vector_norm(residual, dim=1)
             column += dim
-    return out
+    return out, residuals
 
 
 def _candidates(
@@ -225,8 +251,9 @@ def _candidates(
     width: int,
     walk: Walk,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``width`` best gallery rows per query by the ``dtype`` fused score: (Q, width) scores and rows.
+) -> tuple[torch.Tensor, torch.Tensor, Rounding]:
+    """The ``width`` best gallery rows per query by the ``dtype`` fused score: (Q, width) scores and
+    rows, and how far rounding to ``dtype`` moved the rows (:class:`jdfashion.precision.Rounding`).
 
     Members sit side by side (:func:`_side_by_side`), the queries' parts weighted, so each pair of
     views costs one product per gallery chunk, summed in fp32 inside it, and nothing is added
@@ -234,6 +261,14 @@ def _candidates(
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
     dim = sum(member.queries.shape[-1] for member in members)
     chunk_size, query_chunk_size, device = walk.chunk_size, walk.query_chunk_size, walk.device
+    largest_weights = torch.tensor([m.largest_weight for m in members], device=device)
+    worst = {"query": 0.0, "gallery": 0.0}  # Rounding's fields, measured as the rows are converted
+    # A pass that can climb keeps its lists unordered, whichever of equal scores: its window is
+    # certified whatever the order, and ranking them exactly cost 2.4x the top-k. The float64 pass
+    # cannot climb, so where more equal scores straddle its window than it keeps, its lists must
+    # hold the lower gallery rows: running entries come first and hold lower rows, and rank_rows
+    # keeps the lower column of equal scores.
+    keep = rank_rows if dtype == torch.float64 else functools.partial(torch.topk, dim=1, sorted=False)
 
     def block(count: int) -> torch.Tensor:
         return torch.empty((count, dim), dtype=dtype, device=device)
@@ -243,10 +278,19 @@ def _candidates(
             (views(m.queries)[view], lambda rows, m=m: m.weight * m.scale_rows(view, rows)) for m in members
         ]
 
+    def side_by_side(
+        parts: Sequence[tuple[Features, RowScale]], rows: np.ndarray, what: str, out: torch.Tensor
+    ) -> torch.Tensor:
+        rounded, residuals = _side_by_side(parts, rows, device, what, out)
+        if residuals is not None and len(rows):  # query rows carry their weights; gallery rows do not
+            weighted = residuals if what == "query" else residuals * largest_weights.to(residuals)
+            worst[what] = max(worst[what], float(weighted.sum(dim=1).max()))
+        return rounded
+
     query_starts = range(0, len(query_rows), query_chunk_size)
     query_blocks = [  # [slot][view]
         [
-            _side_by_side(query_parts(view), rows, device, "query", block(len(rows)))
+            side_by_side(query_parts(view), rows, "query", block(len(rows)))
             for view in range(len(views(members[0].queries)))
         ]
         for rows in (query_rows[start : start + query_chunk_size] for start in query_starts)
@@ -261,7 +305,7 @@ def _candidates(
     for start in range(0, len(gallery_rows), chunk_size):
         rows = gallery_rows[start : start + chunk_size]
         gallery_blocks = [
-            _side_by_side(parts, rows, device, "gallery", buffer)
+            side_by_side(parts, rows, "gallery", buffer)
             for parts, buffer in zip(gallery_parts, buffers, strict=True)
         ]
         block_ids = torch.from_numpy(rows).to(device)
@@ -272,25 +316,28 @@ def _candidates(
                     fused = (query @ gallery.T).to(accumulate)
                     scores = fused if scores is None else torch.maximum(scores, fused, out=scores)
             assert scores is not None
-            # Running entries come first and hold lower gallery rows, so column order is row order.
             if start:
                 scores = torch.cat([best_scores[slot], scores], dim=1)
                 ids = torch.cat([best_ids[slot], block_ids.expand(len(scores), -1)], dim=1)
             else:
                 ids = block_ids.expand(len(scores), -1)
-            best_scores[slot], columns = rank_rows(scores, min(width, scores.shape[1]))
+            best_scores[slot], columns = keep(scores, min(width, scores.shape[1]))
             best_ids[slot] = ids.gather(1, columns)
-    return torch.cat(best_scores), torch.cat(best_ids)
+    scores, ids = torch.cat(best_scores), torch.cat(best_ids)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return scores.gather(1, order), ids.gather(1, order), Rounding(**worst)
 
 
-def _exact_scores(
+def _rescore(
     members: Sequence[Member],
     query_rows: np.ndarray,
     candidates: torch.Tensor,
     counts: torch.Tensor,
     device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """float64 fused scores of each query's first ``counts`` candidates, (Q, width); -inf after them.
+    """Fused scores of each query's first ``counts`` candidates in ``dtype`` (float64: exact), as
+    (Q, width) float64; -inf after them.
 
     Queries are taken in order of their counts, so each step gathers about as many rows as its
     queries need rather than every query as many as the step's largest window."""
@@ -306,22 +353,36 @@ def _exact_scores(
         ids = candidates[taken, :width].cpu().numpy().ravel()
         best = None
         for member in members:
+            # Gallery rows as stored (the pass found them finite), scores divided by their norms:
+            # a pass fewer over the gathered rows than normalising them.
             gathered = [
-                unit_rows(view, ids, device, "gallery", torch.float64).view(len(rows), width, -1)
+                copied_rows(view, ids, device, dtype).view(len(rows), width, -1)
                 for view in views(member.gallery)
             ]
+            norms = [torch.linalg.vector_norm(g, dim=2).clamp_min_(1e-12) for g in gathered]
             queries = [
-                unit_rows(view, rows, device, "query", torch.float64).mul_(
-                    torch.as_tensor(member.scale_rows(number, rows), dtype=torch.float64, device=device)
+                unit_rows(view, rows, device, "query", dtype).mul_(
+                    torch.as_tensor(member.scale_rows(number, rows), dtype=dtype, device=device)
                 )
                 for number, view in enumerate(views(member.queries))
             ]
-            pairs = torch.stack([(g @ q.unsqueeze(2)).squeeze(2) for g in gathered for q in queries])
+            pairs = torch.stack(
+                [
+                    torch.linalg.vecdot(g, q.unsqueeze(1)).div_(norm)  # batched bmm ran 3x slower
+                    for g, norm in zip(gathered, norms, strict=True)
+                    for q in queries
+                ]
+            )
             best = member.weight * pairs if best is None else best.add_(pairs, alpha=member.weight)
         assert best is not None
-        out[taken, :width] = best.amax(dim=0)
+        out[taken, :width] = best.amax(dim=0).to(torch.float64)
     inside = torch.arange(candidates.shape[1], device=device) < counts.unsqueeze(1)
     return out.masked_fill_(~inside, -math.inf)
+
+
+def _window(scores: torch.Tensor, bound: ErrorBound, k: int) -> torch.Tensor:
+    """Per query, how many of its candidates (sorted best first) may be in the true top k."""
+    return (scores >= bound.lowest_kept(scores[:, k - 1]).unsqueeze(1)).sum(dim=1)
 
 
 def _search(
@@ -338,23 +399,30 @@ def _search(
     (their rows not final) for the caller to search.
 
     With approximate scores a ~ s, |a - s| <= delta, the true top-k all have a >= a_k - 2 delta (a_k:
-    the approximate k-th), so re-scoring that window of the candidate list in float64 finds them.
-    It is certain when the list reaches below the window (its last score is under a_k - 2 delta, so
-    every item left out is outside it too); otherwise the query is searched in the next precision.
+    the approximate k-th; :meth:`jdfashion.precision.ErrorBound.lowest_kept` gives the exact window),
+    so re-scoring that window of the candidate list in float64 finds them. It is certain when the list
+    reaches below the window (its last score is under it, so every item left out is outside it too);
+    otherwise the query is searched in the next precision. A low-precision window is wide (about 90
+    to 250 items a query on crowded scores), so it is narrowed by fp32 scores of its items first, the
+    same certificate one step up: float64 then re-scores the fp32 window (about 17), where gathering
+    every item of the wide one in float64 took most of the search's time.
     """
-    width = min(len(gallery_rows), k + walk.margin)
+    width = walk.width(k, len(gallery_rows), dtype)
     with full_precision_matmuls(walk.device):
-        approximate, candidates = _candidates(members, query_rows, gallery_rows, width, walk, dtype)
-    approximate = approximate.to(torch.float64)
-    threshold = approximate[:, k - 1] - 2 * error_bound(members, dtype)
-    counts = (approximate >= threshold.unsqueeze(1)).sum(dim=1)  # a prefix: the list is sorted
-    exact = _exact_scores(members, query_rows, candidates, counts, walk.device)
+        approximate, candidates, rounding = _candidates(members, query_rows, gallery_rows, width, walk, dtype)
+    counts = _window(approximate.to(torch.float64), error_bound(members, dtype, rounding), k)
+    uncertain = (counts == width).cpu().numpy() & (width < len(gallery_rows))
+    if dtype in LOW.values():
+        closer = _rescore(members, query_rows, candidates, counts, walk.device, torch.float32)
+        order = torch.argsort(closer, dim=1, descending=True)  # the -inf past each window stays last
+        closer, candidates = closer.gather(1, order), candidates.gather(1, order)
+        counts = _window(closer, error_bound(members, torch.float32), k)
+    exact = _rescore(members, query_rows, candidates, counts, walk.device, torch.float64)
     # In gallery-row order, rank_rows's lower-column tie rule is the lower-gallery-row rule.
     by_row = torch.argsort(candidates, dim=1)
     exact, candidates = exact.gather(1, by_row), candidates.gather(1, by_row)
     scores, columns = rank_rows(exact, k)
     ids = candidates.gather(1, columns)
-    uncertain = (counts == width).cpu().numpy() & (width < len(gallery_rows))
     if climb and uncertain.any() and dtype != torch.float64:
         again = _search(members, query_rows[uncertain], gallery_rows, k, walk, NEXT_PRECISION[dtype])
         scores[torch.from_numpy(uncertain)] = torch.from_numpy(again[0]).to(scores)
@@ -377,8 +445,8 @@ def _search_auto(
     """:func:`_search` in the precision that ranks these features fastest.
 
     A low precision multiplies faster but certifies only queries whose k-th score stands clear of
-    the rest by its error bound; on dense features (1000 random queries against 154k gallery items,
-    the search benchmark) it certifies none and every query is searched again in fp32. So ``fast``
+    the rest by its error bound; on features crowded closer than that bound (near-duplicates) it
+    certifies none and every query would be searched again in fp32. So ``fast``
     (the faster by the measured rates) first searches ``PILOT_QUERIES`` queries spread over the list,
     and the rest, with the pilot queries it could not certify, go to the precision
     :func:`jdfashion.precision.auto_dtype` picks given the share it certified."""
@@ -426,14 +494,15 @@ def search(
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
     device: str | torch.device | None = None,
     precision: str = "auto",
-    margin: int = DEFAULT_MARGIN,
+    margin: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact fused top-``k``: (Q, k) float32 scores and (Q, k) int64 gallery indices, best first.
 
     Each member's ``queries`` is (Q, D) or (V, Q, D), its ``gallery`` (G, D) or (V, G, D): views of each
     image, a pair scored by its best pair of views. ``chunk_size`` (gallery rows per chunk) defaults
-    to ``DEFAULT_CHUNK_ELEMENTS`` values over every member and view; ``precision`` and ``margin`` set
-    the candidate pass (module docstring), never the result.
+    to ``DEFAULT_CHUNK_ELEMENTS`` values over every member and view; ``precision`` and ``margin``
+    (candidates kept past k; by default ``DEFAULT_MARGIN`` of each pass's precision) set the
+    candidate pass (module docstring), never the result.
 
     Routing test images to categories is the caller's (:func:`jdfashion.pipeline.submit` searches each
     category's gallery and fills short lists by the router's likelihoods, one policy).
@@ -474,7 +543,7 @@ def search(
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // values)
     if chunk_size < 1 or query_chunk_size < 1:
         raise ValueError("chunk sizes must be >= 1")
-    if margin < 0:
+    if margin is not None and margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if device is None:
         device = first.gallery.device if isinstance(first.gallery, torch.Tensor) else "cpu"

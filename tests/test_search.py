@@ -194,22 +194,97 @@ def test_well_separated_scores_are_certified_by_the_first_pass(monkeypatch: pyte
     assert passes == [torch.bfloat16]
 
 
+def test_bf16_certifies_crowded_scores_from_its_rows_measured_rounding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The search benchmark's crowd at a small size: 4096-d random unit features whose unrelated
+    cosines spread by 1/64, two models. The a-priori bf16 bound (u of every row) leaves more items
+    in a query's window than the default list keeps; the rows' measured rounding certifies every
+    query in the one bf16 pass, fp32 scores narrow each window before float64 re-scores it, and the
+    top-k is the float64 one."""
+    rng = np.random.default_rng(10)
+    latent = rng.normal(size=(3000, 4096))
+    members = []
+    for weight in (0.6, 0.4):
+        gallery = latent + 0.5 * rng.normal(size=latent.shape)
+        queries = latent[:40] + 1.5 * rng.normal(size=(40, 4096))
+        members.append(Member(queries.astype(np.float16), gallery.astype(np.float16), weight))
+    passes, rescored = [], []
+    candidates, rescore = search_module._candidates, search_module._rescore
+    monkeypatch.setattr(search_module, "_candidates", lambda *a: passes.append(a[-1]) or candidates(*a))
+    monkeypatch.setattr(
+        search_module, "_rescore", lambda *a: rescored.append((a[-1], int(a[3].sum()))) or rescore(*a)
+    )
+    _, indices = search(members, 10, precision="bf16")
+    np.testing.assert_array_equal(indices, fused_brute_force(members, 10)[1])
+    assert passes == [torch.bfloat16]
+    (first, window), (last, narrowed) = rescored
+    assert (first, last) == (torch.float32, torch.float64)
+    assert 10 * 40 <= narrowed < window / 2
+    approximate, _, rounding = candidates(
+        members,
+        np.arange(40),
+        np.arange(3000),
+        266,
+        search_module.Walk(1024, 1024, torch.device("cpu"), None),
+        torch.bfloat16,
+    )
+    a_priori = search_module._window(
+        approximate.double(), precision_module.error_bound(members, torch.bfloat16), 10
+    )
+    measured = search_module._window(
+        approximate.double(), precision_module.error_bound(members, torch.bfloat16, rounding), 10
+    )
+    assert int(measured.sum()) == window
+    assert bool((a_priori > search_module.DEFAULT_MARGIN[torch.float32] + 10).any())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_the_error_bound_bounds_every_pair(dtype: torch.dtype) -> None:
+    """Both the bound from the rows' measured rounding and the a-priori one hold for every pair, the
+    measured one tighter where the pass rounds (bf16 about half: 0.0047 against 0.0093 of a unit
+    weight on the search benchmark's features)."""
     rng = np.random.default_rng(8)
     members = [
         Member(torch.from_numpy(rng.normal(size=(40, dim))).half(), rng.normal(size=(500, dim)), weight)
         for dim, weight in ((256, 0.7), (128, 0.3))
     ]
     cpu = torch.device("cpu")
-    approximate, rows = search_module._candidates(
+    approximate, rows, rounding = search_module._candidates(
         members, np.arange(40), np.arange(500), 500, search_module.Walk(128, 16, cpu, 0), dtype
     )
-    exact = search_module._exact_scores(members, np.arange(40), rows, torch.full((40,), 500), cpu)
-    error = (approximate.double() - exact).abs().max().item()
-    bound = precision_module.error_bound(members, dtype)
-    assert 0 < error <= bound
-    assert bound < {torch.bfloat16: 0.02, torch.float16: 0.003, torch.float32: 1e-4}[dtype]
+    exact = search_module._rescore(members, np.arange(40), rows, torch.full((40,), 500), cpu, torch.float64)
+    approximate = approximate.double()
+    error = (approximate - exact).abs()
+    measured, a_priori = (
+        precision_module.error_bound(members, dtype, rounding),
+        precision_module.error_bound(members, dtype),
+    )
+    assert error.max() > 0
+    for bound in (measured, a_priori):
+        assert bool((error <= bound.absolute + bound.relative * approximate.abs()).all())
+    if dtype == torch.float32:  # fp32 rows are the pass's own: nothing rounded
+        assert rounding == precision_module.Rounding(query=0.0, gallery=0.0)
+    else:
+        assert 0 < rounding.query < precision_module.UNIT_ROUNDOFF[dtype]
+        assert measured.absolute < 0.7 * a_priori.absolute
+    assert measured.absolute < {torch.bfloat16: 0.01, torch.float16: 0.002, torch.float32: 1e-4}[dtype]
+
+
+def test_the_window_keeps_every_pair_the_bound_allows_into_the_top_k() -> None:
+    """lowest_kept inverts the bound: a pair just above it can still beat the lowest possible k-th
+    exact score, one just below cannot, for k-th scores of either sign."""
+    bound = precision_module.ErrorBound(absolute=0.01, relative=0.004)
+    kth = torch.tensor([0.3, 0.015, -0.2], dtype=torch.float64)
+    kept = bound.lowest_kept(kth)
+    lowest_kth = kth - bound.absolute - bound.relative * kth.abs()
+
+    def highest(approximate: torch.Tensor) -> torch.Tensor:
+        return approximate + bound.absolute + bound.relative * approximate.abs()
+
+    torch.testing.assert_close(highest(kept), lowest_kth)
+    assert bool((highest(kept - 1e-9) < lowest_kth).all())
+    assert bool((kept < kth).all())
 
 
 @pytest.mark.parametrize(
