@@ -261,7 +261,8 @@ def _candidates(
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
     dim = sum(member.queries.shape[-1] for member in members)
     chunk_size, query_chunk_size, device = walk.chunk_size, walk.query_chunk_size, walk.device
-    largest_weights = torch.tensor([m.largest_weight for m in members], device=device)
+    # fp32, the dtype residuals are measured in (only passes that round, so never fp64, have them)
+    largest_weights = torch.tensor([m.largest_weight for m in members], dtype=torch.float32, device=device)
     worst = {"query": 0.0, "gallery": 0.0}  # Rounding's fields, measured as the rows are converted
     # A pass that can climb keeps its lists unordered, whichever of equal scores: its window is
     # certified whatever the order, and ranking them exactly cost 2.4x the top-k. The float64 pass
@@ -283,7 +284,7 @@ def _candidates(
     ) -> torch.Tensor:
         rounded, residuals = _side_by_side(parts, rows, device, what, out)
         if residuals is not None and len(rows):  # query rows carry their weights; gallery rows do not
-            weighted = residuals if what == "query" else residuals * largest_weights.to(residuals)
+            weighted = residuals if what == "query" else residuals * largest_weights
             worst[what] = max(worst[what], float(weighted.sum(dim=1).max()))
         return rounded
 

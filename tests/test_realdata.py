@@ -307,7 +307,7 @@ def test_the_default_table_is_self_contained_and_keeps_every_reference() -> None
         needed = set(spec.members) | ({spec.model_row} if spec.model_row else set())
         assert needed <= set(DEFAULT_ROWS), name
     assert set(TTA_ROWS) <= set(DEFAULT_ROWS)
-    assert set(DESKEW_ROWS) <= set(TTA_ROWS)
+    assert set(DESKEW_ROWS) <= set(DEFAULT_ROWS)
 
 
 def test_rows_on_one_model_learn_each_self_trained_map_once(

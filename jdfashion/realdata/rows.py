@@ -134,10 +134,15 @@ QUERY_VARIANTS = (
         for rotated in (False, True)
     ),
 )
-# Rows whose deskew columns are measured (issue 11): the best branch set and the best pipeline on its
-# features, 923 queries x 8 extractions once (about 7 minutes here), shared by both rows, and the
-# upright-view columns' turn classifier: 1,200 training photos x 4 turns once (about 4 minutes).
-DESKEW_ROWS = ("lite0-frozen-horizontal", "lite0-selftrained-horizontal-transductive")
+# Rows whose deskew columns are measured (issue 11): Lite0's best branch set, each backbone's best
+# pipeline and their equal-weight ensemble. Per backbone, 923 queries x 8 extractions once (about 7
+# minutes for Lite0 here) and the upright-view columns' turn classifier, 1,200 training photos x 4
+# turns once (about 4 minutes); the three backbones' columns took 68 min in one run (2026-12-05).
+DESKEW_ROWS = (
+    "lite0-frozen-horizontal",
+    *(f"{short}-selftrained-horizontal-transductive" for short in SHORT_NAMES.values()),
+    f"fused-best-horizontal-{ENSEMBLE}-equal",
+)
 # After deskewing, a photo turned past 45 degrees is a quarter turn away from upright.
 QUARTER_VIEWS = (0.0, 90.0, -90.0)
 
