@@ -137,7 +137,7 @@ QUERY_VARIANTS = (
 # Rows whose deskew columns are measured (issue 11): Lite0's best branch set, each backbone's best
 # pipeline and their equal-weight ensemble. Per backbone, 923 queries x 8 extractions once (about 7
 # minutes for Lite0 here) and the upright-view columns' turn classifier, 1,200 training photos x 4
-# turns once (about 4 minutes); the three backbones' columns took 68 min in one run (2026-12-05).
+# turns once (about 4 minutes). docs/REALDATA.md gives what they cost the default table.
 DESKEW_ROWS = (
     "lite0-frozen-horizontal",
     *(f"{short}-selftrained-horizontal-transductive" for short in SHORT_NAMES.values()),
