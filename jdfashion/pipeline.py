@@ -32,7 +32,8 @@ from jdfashion.workspace import (
     ValidationSet,
     Workspace,
     assign_test,
-    extract_test,
+    backbone_models,
+    pair_features,
     validation_as_ranked,
     validation_set,
 )
@@ -50,10 +51,8 @@ def tune_fusion(
     """
     results: dict[Category, TuneResult] = {}
     for category in categories:
-        sets = {
-            backbone: validation_as_ranked(workspace, backbone, category, options)
-            for backbone in workspace.backbones(category, backbones)
-        }
+        models = backbone_models(workspace, workspace.backbones(category, backbones))
+        sets = validation_as_ranked(models, category, options)
         results[category] = tune_on_validation(sets, validation_set(workspace, category), options)
     weights = FusionWeights({category.label: result.weights for category, result in results.items()})
     return weights, results
@@ -93,7 +92,7 @@ def evaluate_validation(
     for category in categories:
         val = validation_set(workspace, category)
         category_weights = weights_for(workspace, weights, category)
-        sets = {b: validation_as_ranked(workspace, b, category, options) for b in category_weights}
+        sets = validation_as_ranked(backbone_models(workspace, list(category_weights)), category, options)
         run.update(
             ranked_lists(
                 {b: s[0] for b, s in sets.items()},
@@ -190,12 +189,9 @@ def submit(
         queries, gallery = assignment.subset(routed)
         category_weights = weights_for(workspace, weights, routed)
         if gallery:
-            sets = {
-                b: workspace.self_trained_once(
-                    extract_test(workspace, b, routed, assignment, options), options
-                )
-                for b in category_weights
-            }
+            models = backbone_models(workspace, list(category_weights))
+            pairs = pair_features(models, routed, queries, gallery, options, "test")
+            sets = {b: workspace.self_trained_once(pairs[b], options) for b in category_weights}
             ranked.update(
                 ranked_lists(
                     {b: s[0] for b, s in sets.items()},

@@ -170,17 +170,23 @@ def views(features: Features) -> list[Features]:
     return [features] if features.ndim == 2 else [features[view] for view in range(features.shape[0])]
 
 
-def best_view(queries: Features, gallery: Features, prior: torch.Tensor | None = None) -> Features:
-    """Per query the one view whose nearest gallery item scores highest, (Q, D), that score plus the
-    (V, Q) ``prior`` if given (:mod:`jdfashion.upright`'s vote); (Q, D) queries pass through. For
-    methods that need one vector per query (k-reciprocal re-ranking, self-training)."""
+def view_matches(queries: Features, gallery: Features) -> np.ndarray:
+    """(V, Q): each query view's best gallery score, the evidence :func:`best_view` keeps a view by
+    and :mod:`jdfashion.upright` adds its vote to."""
+    return np.stack([topk(view, gallery, 1)[0][:, 0] for view in views(queries)])
+
+
+def keep_views(queries: Features, choice: torch.Tensor) -> Features:
+    """(V, Q, D) views -> (Q, D): view ``choice[q]`` of each query q."""
+    return torch.as_tensor(queries)[choice, torch.arange(queries.shape[1])]
+
+
+def best_view(queries: Features, gallery: Features) -> Features:
+    """Per query the one view whose nearest gallery item scores highest, (Q, D); (Q, D) queries pass
+    through. For methods that need one vector per query (k-reciprocal re-ranking, self-training)."""
     if queries.ndim == 2:
         return queries
-    nearest = np.stack([topk(view, gallery, 1)[0][:, 0] for view in views(queries)])
-    if prior is not None:
-        nearest = nearest + prior.double().numpy()
-    choice = torch.from_numpy(nearest.argmax(axis=0))
-    return torch.as_tensor(queries)[choice, torch.arange(queries.shape[1])]
+    return keep_views(queries, torch.from_numpy(view_matches(queries, gallery).argmax(axis=0)))
 
 
 RowScale = Callable[[np.ndarray], "float | torch.Tensor"]

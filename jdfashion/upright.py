@@ -7,8 +7,9 @@ cost upright photos 0.02-0.05 rank-1 on the Grocery protocol (docs/REALDATA.md).
 way is up, though: shelves stand, print runs left to right. A softmax regression on the model's own
 embeddings learns, from the training photos (upright as taken, so no label is needed), by how much a
 view is turned; each query's views then vote on which of them is upright, that vote is added to each
-view's best match (:func:`jdfashion.search.best_view`), and the one view kept goes on to everything
-after it (re-ranking, self-training, fusion) as one vector per query.
+view's best match (:func:`jdfashion.search.view_matches`; models fused together sum their votes
+instead, :func:`jdfashion.workspace.pair_features`), and the one view kept goes on to everything after
+it (re-ranking, self-training, fusion) as one vector per query.
 """
 
 from __future__ import annotations

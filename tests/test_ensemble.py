@@ -1,19 +1,24 @@
 """The three-backbone ensemble as a new user types it, on a small real subset of the Grocery Store photos:
 import a manifest, split, train the three packaged backbones frozen (``--epochs 0``), tune fusion on
-validation, submit, score."""
+validation, submit, score; then the ensemble choosing each query's upright view together."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
+from jdfashion.data.jdformat import Category
 from jdfashion.data.manifest import grocery_iconic_images
 from jdfashion.model.backbones import PACKAGED_BACKBONES
+from jdfashion.options import RetrievalOptions
 from jdfashion.submission import read_submission
+from jdfashion.workspace import Workspace, backbone_models, pair_features, validation_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 # Packaged products (classes 28-58): ten to train on (two of them held out for validation by `data
@@ -84,3 +89,29 @@ def test_three_packaged_backbones_train_fuse_submit_and_score(
     scores = json.loads(invoke("score", submission, "--truth", data / "gt.txt", "--json"))
     # 6 unseen products among 12 shop images at 128 px (chance rank-1 0.08); 0.50 when written.
     assert scores["all"]["num_queries"] == len(queries) and scores["all"]["rank1"] >= 0.4
+
+    # --choose-upright across the ensemble: every network keeps the same view of a query, the one their
+    # summed turn votes put first, so the fused scores are of one photo.
+    views = ("--deskew-queries", "--rotations", "0,90,-90")
+    assert "fused" in invoke("fuse", "--tune", *views, "--choose-upright", *common)
+    workspace = Workspace.at(data, weights, device="cpu")
+    every_view = RetrievalOptions(
+        deskew_queries=True, rotations=(0.0, 90.0, -90.0), num_workers=0, show_progress=False
+    )
+    chosen = dataclasses.replace(every_view, choose_upright=True)
+    models = backbone_models(workspace, PACKAGED_BACKBONES)
+    val = validation_set(workspace, Category.CLOTHES)
+    pairs, kept = (
+        pair_features(models, Category.CLOTHES, val.queries, val.gallery, options, "val")
+        for options in (every_view, chosen)
+    )
+    votes = sum(
+        workspace.upright_votes(Category.CLOTHES, backbone, pairs[backbone][0], chosen) for backbone in models
+    )
+    for backbone in models:
+        views_of_each, one_each = pairs[backbone][0].features, kept[backbone][0].features
+        assert views_of_each.shape[0] == 3 and one_each.shape == views_of_each.shape[1:]
+        kept_view = (views_of_each == one_each[None]).all(-1).float().argmax(0)
+        assert torch.equal(kept_view, torch.from_numpy(votes.argmax(0)))
+    # The validation photos are upright as taken: the networks together keep most of them unturned.
+    assert float((kept_view == 0).float().mean()) >= 0.8

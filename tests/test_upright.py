@@ -7,12 +7,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from jdfashion.data.jdformat import Category
 from jdfashion.options import RetrievalOptions
-from jdfashion.search import best_view
+from jdfashion.search import best_view, keep_views, view_matches
 from jdfashion.upright import fit_turn_classifier, training_turns
 from jdfashion.workspace import Workspace, extract_validation
 
@@ -80,10 +81,11 @@ def test_the_vote_moves_the_choice_only_where_it_outweighs_the_match() -> None:
     views = torch.stack(
         [gallery[:4], torch.nn.functional.normalize(torch.randn(4, 16, generator=generator), dim=-1)]
     )
-    assert torch.equal(best_view(views, gallery, torch.zeros(2, 4)), best_view(views, gallery))
-    assert torch.equal(best_view(views, gallery), gallery[:4])  # view 0 matches exactly
-    against = torch.tensor([[0.0] * 4, [5.0, 0.0, 0.0, 5.0]])
-    chosen = best_view(views, gallery, against)
+    matches = view_matches(views, gallery)
+    assert matches.shape == (2, 4) and np.allclose(matches[0], 1.0)  # view 0 matches exactly
+    assert torch.equal(best_view(views, gallery), gallery[:4])
+    against = np.array([[0.0] * 4, [5.0, 0.0, 0.0, 5.0]])
+    chosen = keep_views(views, torch.from_numpy((matches + against).argmax(0)))
     assert torch.equal(chosen[[0, 3]], views[1, [0, 3]]) and torch.equal(chosen[[1, 2]], gallery[1:3])
 
 

@@ -43,7 +43,14 @@ from jdfashion.realdata.table import RowResult
 from jdfashion.search import topk
 from jdfashion.submission import TOP_K
 from jdfashion.train import resolved, train
-from jdfashion.workspace import ValidationSet, Workspace, validation_as_ranked, validation_set
+from jdfashion.workspace import (
+    ValidationSet,
+    Workspace,
+    chosen_with,
+    pair_features,
+    validation_as_ranked,
+    validation_set,
+)
 
 TIMING_FILE = "timing.json"
 SEED_COST_FILE = "seed-cost.json"
@@ -178,12 +185,13 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
             if spec.runtime != "torch":  # int8 kept whatever validation says: the row measures it
                 for info in ensure_exported(workspace, GROCERY_CATEGORY, spec.backbone, spec.runtime):
                     console.print(f"exported {spec.backbone}: {info.summary}")
-            sets = _test_features(workspace, spec.backbone, queries, gallery, options)
-            runs.per_seed.append(_rank_and_score({spec.backbone: sets}, {spec.backbone: 1.0}, truth, options))
+            single = _Pipeline(
+                {spec.backbone: (workspace, spec.backbone)}, gallery, "equal", settings, spec.trains
+            )
+            runs.per_seed.append(
+                _rank_and_score(single.sets(options, queries), single.weights(options), truth, options)
+            )
         runs.spend(spent if spec.model_row else _seed_cost(workspace, spec.backbone, spent, trained_now))
-        single = _Pipeline(
-            {spec.backbone: (workspace, spec.backbone)}, gallery, "equal", settings, spec.trains
-        )
         runs.folds.append(single.fold_validation(options))
         chosen = _validation_text(runs.folds[-1][0]) if spec.model_row else None
         runs.notes.append(f"seed {seed}: {chosen or _selection_text(workspace, spec.backbone)}")
@@ -309,7 +317,15 @@ class _Pipeline:
     def sets(
         self, options: RetrievalOptions, queries: list[ImageRef]
     ) -> dict[str, tuple[FeatureSet, FeatureSet]]:
-        return {m: _test_features(w, b, queries, self.gallery, options) for m, (w, b) in self.models.items()}
+        """Each model's test features as ``options`` rank them: self-trained on the run's device, if on,
+        by the model's one map for these queries, gallery, options and fellow models."""
+        pairs = pair_features(self.models, GROCERY_CATEGORY, queries, self.gallery, options, "test")
+        urls = tuple(ref.url for ref in queries), tuple(ref.url for ref in self.gallery)
+        together = chosen_with(self.models, options)
+        return {
+            m: w.self_trained_once(pairs[m], options, ("test", b, *urls, together))
+            for m, (w, b) in self.models.items()
+        }
 
     def weights(self, options: RetrievalOptions) -> dict[str, float]:
         if self.weighting == "tuned":
@@ -381,10 +397,7 @@ class _Pipeline:
     ) -> dict[str, tuple[FeatureSet, FeatureSet]]:
         """Each model's validation features on ``fold`` as ``options`` rank them (self-trained once per
         options and fold)."""
-        return {
-            m: validation_as_ranked(w, b, GROCERY_CATEGORY, options)
-            for m, (w, b) in self._on_fold(fold).items()
-        }
+        return validation_as_ranked(self._on_fold(fold), GROCERY_CATEGORY, options)
 
 
 def _shrunk(weights: dict[str, float], shrink: float) -> dict[str, float]:
@@ -456,17 +469,3 @@ def _result(
         folds_map10=tuple(statistics.fmean(s.overall.map for s in seed) for seed in folds or ()),
         folds_used=len(folds[0]) if folds else 0,
     )
-
-
-def _test_features(
-    workspace: Workspace,
-    backbone: str,
-    queries: list[ImageRef],
-    gallery: list[ImageRef],
-    options: RetrievalOptions,
-) -> tuple[FeatureSet, FeatureSet]:
-    """A model's test features as ``options`` rank them: self-trained on the run's device, if on, by the
-    workspace's one map for these queries, gallery and options."""
-    pair = workspace.pair_features(GROCERY_CATEGORY, backbone, queries, gallery, options, f"{backbone} test")
-    key = ("test", backbone, tuple(ref.url for ref in queries), tuple(ref.url for ref in gallery))
-    return workspace.self_trained_once(pair, options, key)
