@@ -31,9 +31,9 @@ from jdfashion.workspace import (
     TestAssignment,
     ValidationSet,
     Workspace,
+    as_ranked,
     assign_test,
     backbone_models,
-    pair_features,
     validation_as_ranked,
     validation_set,
 )
@@ -190,8 +190,7 @@ def submit(
         category_weights = weights_for(workspace, weights, routed)
         if gallery:
             models = backbone_models(workspace, list(category_weights))
-            pairs = pair_features(models, routed, queries, gallery, options, "test")
-            sets = {b: workspace.self_trained_once(pairs[b], options) for b in category_weights}
+            sets = as_ranked(models, routed, queries, gallery, options, "test")
             ranked.update(
                 ranked_lists(
                     {b: s[0] for b, s in sets.items()},

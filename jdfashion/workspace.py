@@ -261,12 +261,26 @@ def pair_features(
     }
 
 
-def chosen_with(models: Models, options: RetrievalOptions) -> tuple[tuple[str, str], ...]:
-    """The models each one's kept query views depend on (none without ``choose_upright``): part of the
-    key of a self-trained map, which is learned from those views."""
-    if not options.choose_upright:
-        return ()
-    return tuple(sorted((str(workspace.weights.root), backbone) for workspace, backbone in models.values()))
+def as_ranked(
+    models: Models,
+    task: Category,
+    queries: Sequence[ImageRef],
+    gallery: Sequence[ImageRef],
+    options: RetrievalOptions,
+    split: str,
+    key: Hashable | None = None,
+) -> dict[str, tuple[FeatureSet, FeatureSet]]:
+    """Each model's features as ``options`` rank them: :func:`pair_features`, then, with self-training,
+    each model's map on the run's device. With ``key`` (which split) a map is learned once per model,
+    options and, where views were chosen, the models that chose them (its views depend on them)."""
+    pairs = pair_features(models, task, queries, gallery, options, split)
+    together = sorted((str(w.weights.root), b) for w, b in models.values()) if options.choose_upright else []
+    return {
+        name: workspace.self_trained_once(
+            pairs[name], options, None if key is None else (key, backbone, *together)
+        )
+        for name, (workspace, backbone) in models.items()
+    }
 
 
 def data_categories(layout: DataLayout) -> list[Category]:
@@ -353,18 +367,10 @@ def extract_validation(
 def validation_as_ranked(
     models: Models, category: Category, options: RetrievalOptions
 ) -> dict[str, tuple[FeatureSet, FeatureSet]]:
-    """Each model's validation features as ``options`` rank them: extracted (or cached), each query's
-    view chosen by the models together if asked, then, with self-training, mapped by the run's one map
-    for that model, these options and, where views were chosen, these models."""
+    """Each model's validation features as ``options`` rank them (:func:`as_ranked`), each map learned
+    once per run."""
     val = validation_set(next(iter(models.values()))[0], category)
-    pairs = pair_features(models, category, val.queries, val.gallery, options, "val")
-    together = chosen_with(models, options)
-    return {
-        name: workspace.self_trained_once(
-            pairs[name], options, key=("val", category.label, backbone, together)
-        )
-        for name, (workspace, backbone) in models.items()
-    }
+    return as_ranked(models, category, val.queries, val.gallery, options, "val", key=("val", category.label))
 
 
 @dataclass

@@ -46,8 +46,7 @@ from jdfashion.train import resolved, train
 from jdfashion.workspace import (
     ValidationSet,
     Workspace,
-    chosen_with,
-    pair_features,
+    as_ranked,
     validation_as_ranked,
     validation_set,
 )
@@ -317,15 +316,12 @@ class _Pipeline:
     def sets(
         self, options: RetrievalOptions, queries: list[ImageRef]
     ) -> dict[str, tuple[FeatureSet, FeatureSet]]:
-        """Each model's test features as ``options`` rank them: self-trained on the run's device, if on,
-        by the model's one map for these queries, gallery, options and fellow models."""
-        pairs = pair_features(self.models, GROCERY_CATEGORY, queries, self.gallery, options, "test")
+        """Each model's test features as ``options`` rank them (:func:`as_ranked`), each map learned once
+        per run for these queries and gallery."""
         urls = tuple(ref.url for ref in queries), tuple(ref.url for ref in self.gallery)
-        together = chosen_with(self.models, options)
-        return {
-            m: w.self_trained_once(pairs[m], options, ("test", b, *urls, together))
-            for m, (w, b) in self.models.items()
-        }
+        return as_ranked(
+            self.models, GROCERY_CATEGORY, queries, self.gallery, options, "test", ("test", *urls)
+        )
 
     def weights(self, options: RetrievalOptions) -> dict[str, float]:
         if self.weighting == "tuned":
