@@ -155,7 +155,7 @@ def export_category_model(
     with ``int8`` a quantized file too, kept only if validation mAP@10 holds (else ``ValueError``
     naming both scores, and no int8 file left) unless ``keep_worse_int8`` (to measure it)."""
     trained = workspace.trained(category, backbone)
-    val = validation_set(workspace, category)
+    val = validation_set(workspace.data, category)
     images = workspace.data.images
     check_images = check_batch(trained, [*val.queries, *val.gallery], images)
     exported = [export_onnx(trained, check_images)]

@@ -53,7 +53,7 @@ def tune_fusion(
     for category in categories:
         models = backbone_models(workspace, workspace.backbones(category, backbones))
         sets = validation_as_ranked(models, category, options)
-        results[category] = tune_on_validation(sets, validation_set(workspace, category), options)
+        results[category] = tune_on_validation(sets, validation_set(workspace.data, category), options)
     weights = FusionWeights({category.label: result.weights for category, result in results.items()})
     return weights, results
 
@@ -90,7 +90,7 @@ def evaluate_validation(
     """Fused validation scores over all categories (each category searched inside its own gallery)."""
     run, truth, query_category = {}, {}, {}
     for category in categories:
-        val = validation_set(workspace, category)
+        val = validation_set(workspace.data, category)
         category_weights = weights_for(workspace, weights, category)
         sets = validation_as_ranked(backbone_models(workspace, list(category_weights)), category, options)
         run.update(

@@ -336,8 +336,7 @@ class ValidationSet:
     truth: dict[str, list[str]]
 
 
-def validation_set(workspace: Workspace, category: Category) -> ValidationSet:
-    layout = workspace.data
+def validation_set(layout: DataLayout, category: Category) -> ValidationSet:
     split_command = fixing_command(layout.val_queries(category))
     if not layout.val_queries(category).exists():
         raise FileNotFoundError(missing_message(layout.val_queries(category)))
@@ -359,18 +358,21 @@ def extract_validation(
     workspace: Workspace, backbone: str, category: Category, options: RetrievalOptions
 ) -> tuple[FeatureSet, FeatureSet]:
     """One model's validation features (the views it keeps, if ``choose_upright``, chosen alone)."""
-    val = validation_set(workspace, category)
+    val = validation_set(workspace.data, category)
     models = backbone_models(workspace, [backbone])
     return pair_features(models, category, val.queries, val.gallery, options, "val")[backbone]
 
 
 def validation_as_ranked(
-    models: Models, category: Category, options: RetrievalOptions
+    models: Models, category: Category, options: RetrievalOptions, data: DataLayout | None = None
 ) -> dict[str, tuple[FeatureSet, FeatureSet]]:
     """Each model's validation features as ``options`` rank them (:func:`as_ranked`), each map learned
-    once per run."""
-    val = validation_set(next(iter(models.values()))[0], category)
-    return as_ranked(models, category, val.queries, val.gallery, options, "val", key=("val", category.label))
+    once per run. ``data``: another data root's validation lists (the Grocery protocol's turned
+    queries) instead of the first model's own."""
+    data = data or next(iter(models.values()))[0].data
+    val = validation_set(data, category)
+    key = ("val", category.label, str(data.root))
+    return as_ranked(models, category, val.queries, val.gallery, options, "val", key)
 
 
 @dataclass

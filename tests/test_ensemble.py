@@ -100,7 +100,7 @@ def test_three_packaged_backbones_train_fuse_submit_and_score(
     )
     chosen = dataclasses.replace(every_view, choose_upright=True)
     models = backbone_models(workspace, PACKAGED_BACKBONES)
-    val = validation_set(workspace, Category.CLOTHES)
+    val = validation_set(workspace.data, Category.CLOTHES)
     pairs, kept = (
         pair_features(models, Category.CLOTHES, val.queries, val.gallery, options, "val")
         for options in (every_view, chosen)

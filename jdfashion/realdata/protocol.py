@@ -36,11 +36,13 @@ GROCERY_VAL_POOL = tuple(range(28, 43))
 # A third of the 15 packages (5) validate; 60 identities (50 produce + 10 packages) remain to train.
 VAL_FRACTION = 1 / 3
 SPLIT_SEED = 0
-# The rotated-query variant (issue 11): each test query turned by a seeded angle in [-90, 90] degrees.
+# The rotated-query variant (issue 11): each test query turned by a seeded angle in [-90, 90] degrees,
+# and each validation query (fold 0) by the next seed's angles, recorded in (val-)angles.json.
 ROTATED_DIR = "rotated"
 ROTATION_SEED = 0
 MAX_QUERY_ROTATION = 90.0
 ANGLES_FILE = "angles.json"
+VALIDATION_PREFIX = "val-"
 # Validation folds: the protocol's 5 validation packages are fold 0; the 10 training packages make
 # folds 1 and 2 (under DATA/folds/<k>/, each a data root of its own validation lists). A pipeline that
 # trains nothing (frozen networks, test-time options, their fusion) has seen none of them, so it is
@@ -180,26 +182,48 @@ def _thin_training(layout: DataLayout, per_identity: int) -> None:
 def build_rotated_queries(data_root: Path, seed: int = ROTATION_SEED) -> DataLayout:
     """The test queries, each photo turned in-plane by a seeded angle in [-90, 90] degrees
     (counter-clockwise positive; the canvas grows so nothing is cut off, corners black), with the test
-    truth: consumer photos taken at an angle, which the paper's annular parts are meant for. Written
-    under ``data_root/rotated`` once; a rerun with the same queries and seed reuses them."""
+    truth: consumer photos taken at an angle, which the paper's annular parts are meant for. The
+    protocol's validation queries (fold 0) are turned the same way by the angles of seed ``seed + 1``,
+    beside the validation gallery, so that a rotation option can be chosen on turned photos without
+    the test's. Written under ``data_root/rotated`` once; a rerun with the same queries and seed
+    reuses them."""
     layout, rotated = DataLayout(data_root), DataLayout(data_root / ROTATED_DIR)
-    queries, truth = read_images(layout.queries), read_truth(layout.truth)
+    _turn_queries(layout, rotated, seed, validation=False)
+    _turn_queries(layout, rotated, seed + 1, validation=True)
+    val = GROCERY_CATEGORY
+    write_images(rotated.val_gallery(val), read_images(layout.val_gallery(val)))
+    return rotated
+
+
+def _lists(layout: DataLayout, validation: bool) -> tuple[Path, Path]:
+    """The test's or fold 0's validation query and truth lists of ``layout``."""
+    if validation:
+        return layout.val_queries(GROCERY_CATEGORY), layout.val_truth(GROCERY_CATEGORY)
+    return layout.queries, layout.truth
+
+
+def _turn_queries(layout: DataLayout, rotated: DataLayout, seed: int, validation: bool) -> None:
+    """``layout``'s test (or validation) queries turned by seeded angles into ``rotated``'s lists, each
+    photo saved in ``rotated``'s images and the angles recorded beside them (validation's under
+    ``VALIDATION_PREFIX``); a rerun with the same queries and seed writes nothing."""
+    (source, source_truth), (target, target_truth) = _lists(layout, validation), _lists(rotated, validation)
+    prefix = VALIDATION_PREFIX if validation else ""
+    queries, truth = read_images(source), read_truth(source_truth)
     angles = np.random.default_rng(seed).uniform(-MAX_QUERY_ROTATION, MAX_QUERY_ROTATION, len(queries))
     record = {"seed": seed, "sources": [ref.url for ref in queries], "angles": angles.round(3).tolist()}
-    record_path = rotated.root / ANGLES_FILE
-    if record_path.exists() and json.loads(record_path.read_text()) == record and rotated.truth.exists():
-        return rotated
-    refs, rotated_truth = [], {}
+    record_path = rotated.root / f"{prefix}{ANGLES_FILE}"
+    if record_path.exists() and json.loads(record_path.read_text()) == record and target_truth.exists():
+        return
+    refs, turned_truth = [], {}
     for number, (ref, angle) in enumerate(zip(queries, record["angles"], strict=True)):
         photo = Image.fromarray(load_item(ref, layout.images))
         turned = photo.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(0, 0, 0))
-        target = rotated.images / f"{number:05d}_{Path(ref.url).stem}.jpg"
-        with atomic_path(target) as tmp:
+        path = rotated.images / f"{prefix}{number:05d}_{Path(ref.url).stem}.jpg"
+        with atomic_path(path) as tmp:
             turned.save(tmp, format="JPEG", quality=95)
-        url = target.absolute().as_uri()
+        url = path.absolute().as_uri()
         refs.append(ImageRef(url, Box(0, 0, turned.width, turned.height)))
-        rotated_truth[url] = truth[ref.url]
-    write_images(rotated.queries, refs)
-    write_truth(rotated.truth, rotated_truth)
+        turned_truth[url] = truth[ref.url]
+    write_images(target, refs)
+    write_truth(target_truth, turned_truth)
     atomic_write_text(record_path, json.dumps(record))
-    return rotated

@@ -388,6 +388,11 @@ class RunSettings:
             if (tta or not variant.tta) and (deskew or not variant.deskew)
         )
 
+    def validates_variants(self, spec: RowSpec) -> bool:
+        """Whether the row's variants are also scored on validation (upright and turned): the deskew
+        rows, whose columns decide the rotation options' default without the test's labels."""
+        return spec.name in DESKEW_ROWS and bool(self.variants(spec))
+
     def options_for(self, variant: QueryVariant, row_options: RetrievalOptions) -> RetrievalOptions:
         """``row_options`` (the row's own, e.g. self-training) with the variant's on top."""
         options = replace(row_options, **TRANSDUCTIVE) if variant.transductive else row_options

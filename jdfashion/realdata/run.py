@@ -38,7 +38,8 @@ from jdfashion.paths import (
 )
 from jdfashion.pipeline import tune_on_validation
 from jdfashion.ranking import ranked_lists
-from jdfashion.realdata.rows import ROWS, QueryVariant, RowSpec, RunSettings, Weighting, train_config
+from jdfashion.realdata.protocol import ROTATED_DIR
+from jdfashion.realdata.rows import ROWS, RowSpec, RunSettings, Weighting, train_config
 from jdfashion.realdata.table import RowResult
 from jdfashion.search import topk
 from jdfashion.submission import TOP_K
@@ -136,11 +137,13 @@ def _rank_and_score(
 
 @dataclass
 class _SeedRuns:
-    """What a row gathers seed by seed: test scores (protocol and 16-image), the query variants'
-    scores, each validation fold's, its cost and a note per seed."""
+    """What a row gathers seed by seed: test scores (protocol and 16-image), the query variants' scores
+    on the test (and on validation, upright or turned, for the rows that choose a rotation option),
+    each validation fold's, its cost and a note per seed."""
 
     per_seed: list[tuple[Scores, Scores]] = field(default_factory=list)
     rotation: list[dict[str, Scores]] = field(default_factory=list)
+    rotation_validation: list[dict[str, Scores]] = field(default_factory=list)
     folds: list[list[Scores]] = field(default_factory=list)  # per seed, fold 0 first
     cpu: float = 0.0
     wall: float = 0.0
@@ -195,7 +198,7 @@ def model_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         chosen = _validation_text(runs.folds[-1][0]) if spec.model_row else None
         runs.notes.append(f"seed {seed}: {chosen or _selection_text(workspace, spec.backbone)}")
         console.print(f"{spec.name} seed {seed}: {_scores_text(*runs.per_seed[-1])}")
-        runs.rotation.append(_variant_scores(settings.variants(spec), settings, single, options, console))
+        _variant_scores(runs, spec, settings, single, options, console)
     return _result(
         spec,
         settings.seeds_for(spec),
@@ -293,7 +296,7 @@ def fused_row(spec: RowSpec, settings: RunSettings, console: Console) -> RowResu
         fused_map = runs.folds[-1][0].overall.map
         runs.notes.append(f"seed {seed}: {weights_text} (val mAP@10 fused {fused_map:.3f}; alone {alone})")
         console.print(f"fused seed {seed}: {weights_text}; {_scores_text(*runs.per_seed[-1])}")
-        runs.rotation.append(_variant_scores(settings.variants(spec), settings, fusion, options, console))
+        _variant_scores(runs, spec, settings, fusion, options, console)
     return _result(spec, settings.seeds_for(spec), runs, (len(queries), len(gallery)))
 
 
@@ -367,6 +370,16 @@ class _Pipeline:
         chosen = weights or self.weights(options)
         return _rank_and_score(sets, chosen, self._val(fold).truth, options)[0]
 
+    def variant_validation(self, options: RetrievalOptions, rotated: bool) -> Scores:
+        """Validation scores of the protocol's validation queries (fold 0), upright or turned
+        (``protocol.build_rotated_queries``), under ``options`` and this pipeline's weights."""
+        if not rotated:
+            return self.validation(options)
+        turned = DataLayout(self.settings.data_root / ROTATED_DIR)
+        sets = validation_as_ranked(self.models, GROCERY_CATEGORY, options, turned)
+        truth = read_truth(turned.val_truth(GROCERY_CATEGORY))
+        return _rank_and_score(sets, self.weights(options), truth, options)[0]
+
     def fold_validation(self, options: RetrievalOptions) -> list[Scores]:
         """Validation scores on every fold this pipeline has not trained on."""
         return [self.validation(options, fold) for fold in self._fold_numbers]
@@ -385,7 +398,7 @@ class _Pipeline:
     def _val(self, fold: int) -> ValidationSet:
         if fold not in self._lists:
             workspace = next(iter(self._on_fold(fold).values()))[0]
-            self._lists[fold] = validation_set(workspace, GROCERY_CATEGORY)
+            self._lists[fold] = validation_set(workspace.data, GROCERY_CATEGORY)
         return self._lists[fold]
 
     def _validation_sets(
@@ -403,22 +416,29 @@ def _shrunk(weights: dict[str, float], shrink: float) -> dict[str, float]:
 
 
 def _variant_scores(
-    variants: tuple[QueryVariant, ...],
+    runs: _SeedRuns,
+    spec: RowSpec,
     settings: RunSettings,
     pipeline: _Pipeline,
     row_options: RetrievalOptions,
     console: Console,
-) -> dict[str, Scores]:
-    """Scores of the row's rankings for each variant (rotated queries, rotation TTA, transductive)."""
-    scores = {}
-    for variant in variants:
+) -> None:
+    """One seed's scores of the row's rankings for each variant (rotated queries, rotation TTA,
+    transductive, deskew) on the test, and on validation where the row validates its variants."""
+    scores, validation = {}, {}
+    for variant in settings.variants(spec):
         options = settings.options_for(variant, row_options)
         variant_queries, truth = settings.queries_for(variant)
         scores[variant.name] = _rank_and_score(
             pipeline.sets(options, variant_queries), pipeline.weights(options), truth, options
         )[0]
-        console.print(f"  {variant.name}: rank-1 {scores[variant.name].overall.rank1:.3f}")
-    return scores
+        text = f"  {variant.name}: rank-1 {scores[variant.name].overall.rank1:.3f}"
+        if settings.validates_variants(spec):
+            validation[variant.name] = pipeline.variant_validation(options, variant.rotated)
+            text += f" (validation {validation[variant.name].overall.rank1:.3f})"
+        console.print(text)
+    runs.rotation.append(scores)
+    runs.rotation_validation.append(validation)
 
 
 def _scores_text(protocol: Scores, test_only: Scores) -> str:
@@ -426,6 +446,15 @@ def _scores_text(protocol: Scores, test_only: Scores) -> str:
         f"rank-1 {protocol.overall.rank1:.3f} mAP@10 {protocol.overall.map:.3f} "
         f"(16 only: {test_only.overall.rank1:.3f} / {test_only.overall.map:.3f})"
     )
+
+
+def _by_variant(per_seed: list[dict[str, Scores]]) -> dict[str, tuple[float, ...]]:
+    """Per-seed scores of each variant as ``RowResult.rotation`` keeps them."""
+    by_variant: dict[str, tuple[float, ...]] = {}
+    for variant in per_seed[0] if per_seed else ():
+        by_variant[f"{variant} rank-1"] = tuple(seed[variant].overall.rank1 for seed in per_seed)
+        by_variant[f"{variant} mAP@10"] = tuple(seed[variant].overall.map for seed in per_seed)
+    return by_variant
 
 
 def _result(
@@ -436,11 +465,7 @@ def _result(
     epochs: int | str = "-",
     image_size: int | None = None,
 ) -> RowResult:
-    per_seed, rotation, folds = runs.per_seed, runs.rotation, runs.folds
-    by_variant: dict[str, tuple[float, ...]] = {}
-    for variant in rotation[0] if rotation else ():
-        by_variant[f"{variant} rank-1"] = tuple(seed[variant].overall.rank1 for seed in rotation)
-        by_variant[f"{variant} mAP@10"] = tuple(seed[variant].overall.map for seed in rotation)
+    per_seed, folds = runs.per_seed, runs.folds
     return RowResult(
         name=spec.name,
         backbone=spec.backbone,
@@ -458,7 +483,8 @@ def _result(
         note="; ".join(runs.notes),
         rank1_test_only=tuple(test_only.overall.rank1 for _, test_only in per_seed),
         map10_test_only=tuple(test_only.overall.map for _, test_only in per_seed),
-        rotation=by_variant,
+        rotation=_by_variant(runs.rotation),
+        rotation_validation=_by_variant(runs.rotation_validation),
         val_rank1=tuple(seed[0].overall.rank1 for seed in folds or ()),
         val_map10=tuple(seed[0].overall.map for seed in folds or ()),
         folds_rank1=tuple(statistics.fmean(s.overall.rank1 for s in seed) for seed in folds or ()),

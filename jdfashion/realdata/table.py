@@ -6,7 +6,7 @@ import dataclasses
 import os
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +40,9 @@ class RowResult:
     # Rotated queries and rotation TTA (rows.QUERY_VARIANTS): "<variant> rank-1" / "<variant> mAP@10",
     # one value per seed.
     rotation: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # The same variants on the protocol's validation queries (fold 0), upright or turned as the variant
+    # turns the test's (``RunSettings.validates_variants``), keyed as ``rotation``.
+    rotation_validation: dict[str, tuple[float, ...]] = field(default_factory=dict)
     # The same pipeline (model, options, fusion weights) on the validation split, one value per seed:
     # what a user choosing between rows would see without test labels.
     val_rank1: tuple[float, ...] = ()
@@ -63,7 +66,8 @@ class RowResult:
         # JSON gives lists for the per-seed tuples; results written before a field existed leave it at
         # its default.
         values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
-        values["rotation"] = {key: tuple(v) for key, v in values.get("rotation", {}).items()}
+        for variants in ("rotation", "rotation_validation"):
+            values[variants] = {key: tuple(v) for key, v in values.get(variants, {}).items()}
         return cls(**values)
 
 
@@ -194,13 +198,12 @@ class RealDataReport:
         return lines
 
     def _rotation_lines(self) -> list[str]:
-        """Each row's upright scores beside its rotated-query and rotation-TTA scores."""
+        """Each row's upright scores beside its rotated-query and rotation-TTA scores, on the test and,
+        for the rows that validate them, on validation."""
         rows = [row for row in self.rows if row.rotation]
         if not rows:
             return []
-        variants = list(dict.fromkeys(key.rsplit(" ", 1)[0] for row in rows for key in row.rotation))
         side = self.settings.get("rotation_side", "query")
-        header = ["row", "upright", *variants]
         lines = [
             "",
             "Rotated queries and test-time options: each test query turned in-plane by a seeded angle "
@@ -211,19 +214,38 @@ class RealDataReport:
             "statistics of the searched sets). "
             "rank-1 / mAP@10 against the 81 iconic images.",
             "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
+            *_variant_table(rows, "rotation", lambda row: (row.rank1, row.map10)),
         ]
-        for row in rows:
-            cells = [f"{_mean_and_spread(row.rank1)} / {_mean_and_spread(row.map10)}"]
-            for variant in variants:
-                first, second = (
-                    row.rotation.get(f"{variant} rank-1", ()),
-                    row.rotation.get(f"{variant} mAP@10", ()),
-                )
-                cells.append(f"{_mean_and_spread(first)} / {_mean_and_spread(second)}")
-            lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+        validated = [row for row in rows if row.rotation_validation]
+        if validated:
+            lines += [
+                "",
+                "The same columns on the protocol's validation queries (fold 0, against the 81 iconic "
+                "images), upright, or turned by seeded angles as the test's are: what a rotation "
+                "option's default is chosen on, without the test's labels.",
+                "",
+                *_variant_table(validated, "rotation_validation", lambda row: (row.val_rank1, row.val_map10)),
+            ]
         return lines
+
+
+def _variant_table(
+    rows: Sequence[RowResult],
+    field_name: str,
+    upright: Callable[[RowResult], tuple[Sequence[float], Sequence[float]]],
+) -> list[str]:
+    """A markdown table of each row's ``upright`` (rank-1, mAP@10) beside its variants' in ``field_name``."""
+    scores = {row.name: getattr(row, field_name) for row in rows}
+    variants = list(dict.fromkeys(key.rsplit(" ", 1)[0] for values in scores.values() for key in values))
+    header = ["row", "upright", *variants]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [" / ".join(_mean_and_spread(values) for values in upright(row))]
+        for variant in variants:
+            pair = (scores[row.name].get(f"{variant} {metric}", ()) for metric in ("rank-1", "mAP@10"))
+            cells.append(" / ".join(_mean_and_spread(values) for values in pair))
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _agreement(rows: Sequence[RowResult], field_name: str) -> str:
