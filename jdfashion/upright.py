@@ -66,6 +66,14 @@ class TurnClassifier:
             raise ValueError(f"views at {tuple(angles)} show turns this classifier has not learned") from None
 
 
+def stands_upright(choice: np.ndarray, angles: Sequence[float], turned_share: float) -> bool:
+    """Whether a query set stands upright: fewer than ``turned_share`` of its photos keep a turned view
+    (``choice``: each photo's kept view, an index into ``angles``). Decided for the whole set, since a
+    set mixing deskewed photos with photos as taken ranked worse than either kind alone."""
+    turned = np.array([_angle(angle) != 0 for angle in angles])[choice]
+    return bool(turned.mean() < turned_share)
+
+
 def fit_turn_classifier(
     turned: torch.Tensor, turns: Sequence[float], weight_decay: float = WEIGHT_DECAY
 ) -> TurnClassifier:

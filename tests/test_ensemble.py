@@ -16,7 +16,7 @@ import torch
 from jdfashion.data.jdformat import Category
 from jdfashion.data.manifest import grocery_iconic_images
 from jdfashion.model.backbones import PACKAGED_BACKBONES
-from jdfashion.options import RetrievalOptions
+from jdfashion.options import TURNED_SHARE, RetrievalOptions
 from jdfashion.submission import read_submission
 from jdfashion.workspace import Workspace, backbone_models, pair_features, validation_set
 
@@ -98,12 +98,17 @@ def test_three_packaged_backbones_train_fuse_submit_and_score(
     every_view = RetrievalOptions(
         deskew_queries=True, rotations=(0.0, 90.0, -90.0), num_workers=0, show_progress=False
     )
-    chosen = dataclasses.replace(every_view, choose_upright=True)
+    chosen = dataclasses.replace(every_view, choose_upright=True, turned_share=0.0)
     models = backbone_models(workspace, PACKAGED_BACKBONES)
     val = validation_set(workspace.data, Category.CLOTHES)
-    pairs, kept = (
+    pairs, kept, gated, plain = (
         pair_features(models, Category.CLOTHES, val.queries, val.gallery, options, "val")
-        for options in (every_view, chosen)
+        for options in (
+            every_view,
+            chosen,
+            dataclasses.replace(chosen, turned_share=TURNED_SHARE),
+            RetrievalOptions(num_workers=0, show_progress=False),
+        )
     )
     votes = sum(
         workspace.upright_votes(Category.CLOTHES, backbone, pairs[backbone][0], chosen) for backbone in models
@@ -115,3 +120,8 @@ def test_three_packaged_backbones_train_fuse_submit_and_score(
         assert torch.equal(kept_view, torch.from_numpy(votes.argmax(0)))
     # The validation photos are upright as taken: the networks together keep most of them unturned.
     assert float((kept_view == 0).float().mean()) >= 0.8
+    # So by default the set stands upright and every network searches it as taken, as without the option.
+    for backbone in models:
+        assert torch.equal(
+            torch.as_tensor(gated[backbone][0].features), torch.as_tensor(plain[backbone][0].features)
+        )

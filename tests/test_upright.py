@@ -14,7 +14,7 @@ import torch
 from jdfashion.data.jdformat import Category
 from jdfashion.options import RetrievalOptions
 from jdfashion.search import best_view, keep_views, view_matches
-from jdfashion.upright import fit_turn_classifier, training_turns
+from jdfashion.upright import fit_turn_classifier, stands_upright, training_turns
 from jdfashion.workspace import Workspace, extract_validation
 
 QUARTER_VIEWS = (0.0, 90.0, -90.0)
@@ -87,6 +87,21 @@ def test_the_vote_moves_the_choice_only_where_it_outweighs_the_match() -> None:
     against = np.array([[0.0] * 4, [5.0, 0.0, 0.0, 5.0]])
     chosen = keep_views(views, torch.from_numpy((matches + against).argmax(0)))
     assert torch.equal(chosen[[0, 3]], views[1, [0, 3]]) and torch.equal(chosen[[1, 2]], gallery[1:3])
+
+
+def test_a_set_stands_upright_when_few_of_its_photos_keep_a_turned_view() -> None:
+    """The whole set is decided at once, by the share of photos whose kept view is turned: views at
+    -90 / 0 / 90 degrees, kept views as indexes into them."""
+    angles = (-90.0, 0.0, 90.0)
+    few = np.array([1] * 9 + [0])  # 1 in 10 turned
+    half = np.array([1] * 5 + [0, 2] * 2 + [2])
+    assert stands_upright(few, angles, 0.25) and not stands_upright(half, angles, 0.25)
+    assert not stands_upright(few, angles, 0.0)  # 0: never taken as upright, always deskew and choose
+    assert stands_upright(half, angles, 0.75)
+    assert not stands_upright(np.zeros(4, dtype=int), (90.0, -90.0), 1.0)  # no unturned view: all turned
+    assert stands_upright(np.zeros(4, dtype=int), (360.0, 90.0), 0.25)  # 360 degrees is upright
+    with pytest.raises(ValueError, match="turned_share"):
+        RetrievalOptions(turned_share=1.5)
 
 
 def test_choosing_upright_needs_query_views() -> None:
