@@ -318,9 +318,12 @@ ROWS = _row_specs()
 # ensembles (the stride stays removed: the fused frozen rows gain nothing with it, the best pipeline
 # loses 0.11).
 def _runs_by_default(spec: RowSpec) -> bool:
-    if spec.whitening != "none" or spec.recipe == "finetune" or spec.score_normalisation != "none":
-        return False
-    if not spec.last_stride_one:
+    if (
+        spec.whitening != "none"
+        or spec.recipe == "finetune"
+        or spec.score_normalisation != "none"
+        or not spec.last_stride_one
+    ):
         return False
     if spec.kind == "fused":
         return spec.backbone == ENSEMBLE
